@@ -1,0 +1,7 @@
+"""PPF-XL-2, ImageNet 256: 4x4 on [0, 0.5], 2x2 on (0.5, 1]; stage CFG [1.0, 3.0] (paper §4.2)."""
+
+from ppflow_jax import config_lib
+
+
+def get_config(arg=None):
+  return config_lib.imagenet_config('XL', 2, (1.0, 3.0), arg=arg)

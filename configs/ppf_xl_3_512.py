@@ -1,0 +1,8 @@
+"""PPF-XL-3, ImageNet 512 (64x64x4 latents). The paper gives no 512 CFG scales; the 256
+ones are used."""
+
+from ppflow_jax import config_lib
+
+
+def get_config(arg=None):
+  return config_lib.imagenet_config('XL', 3, (1.0, 3.5, 3.75), resolution=512, arg=arg)

@@ -1,0 +1,221 @@
+"""The configuration schema: the one base `ConfigDict` every config file starts from, model size
+presets, and validation of user overrides.
+
+Every choice that changes published numbers (time direction, CFG channels, sampler and steps,
+precision, stage boundaries) is a field here, with the published behaviour documented next to it.
+Config files in `configs/` call `base_config()` and fill in what differs; command-line overrides
+(`--config.train.steps=100`) go through ml_collections, which rejects unknown fields, and
+`validate()` rejects values that are well-typed but meaningless.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# (depth, hidden_size, num_heads) of the SiT/DiT family (SiT paper, Table 1).
+MODEL_SIZES = {
+    'S': (12, 384, 6),
+    'B': (12, 768, 12),
+    'L': (24, 1024, 16),
+    'XL': (28, 1152, 16),
+}
+
+# Stage schedules of the paper (§4.1); patches are (rows, cols). The paper's three-level "4x2"
+# patch is 2 rows x 4 columns (token grid 16 x 8 on a 32 x 32 latent), as in the official code.
+SCHEDULES = {
+    1: dict(boundaries=(), patch_sizes=((2, 2),)),
+    2: dict(boundaries=(0.5,), patch_sizes=((4, 4), (2, 2))),
+    3: dict(boundaries=(0.5, 0.75), patch_sizes=((4, 4), (2, 4), (2, 2))),
+    # PPF-B-4 / B-5: the paper lists neither patches nor boundaries; its Testing FLOPs (Table 7:
+    # 46.5, 38.3) fit equal time quarters / fifths with these patches (see flops.py and README).
+    4: dict(boundaries=(0.25, 0.5, 0.75), patch_sizes=((4, 8), (4, 4), (2, 4), (2, 2))),
+    5: dict(boundaries=(0.2, 0.4, 0.6, 0.8), patch_sizes=((8, 8), (4, 8), (4, 4), (2, 4), (2, 2))),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full schema with SiT-XL/2-on-ImageNet-256 defaults; config files override fields."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(
+      variant='ppf',          # 'ppf' (SiT is the 1-stage case) | 'mpdit' (see models/mpdit.py).
+      size='XL',              # key of MODEL_SIZES; depth/hidden/heads below follow it if 0.
+      depth=0, hidden_size=0, num_heads=0,
+      mlp_ratio=4.0,
+      num_classes=1000,
+      class_dropout=0.1,      # label dropout in training; null class id = num_classes.
+      learn_sigma=True,       # 2*C output channels, second half ignored (SiT-XL-2-256 checkpoint).
+      level_embedding=True,   # learned per-stage row added to the conditioning vector (paper §4.4).
+      dtype='float32',        # compute dtype: 'float32' | 'bfloat16' (params stay param_dtype).
+      param_dtype='float32',
+      attention='auto',       # 'auto' | 'xla' | 'splash' | 'pallas_gpu' | 'cudnn' (ops/attention.py).
+      # MPDiT only (models/mpdit.py): blocks that run on small-patch tokens, class prefix tokens.
+      mpdit_fine_blocks=6, mpdit_class_tokens=4,
+  ))
+
+  # The latent the model sees, (H, W, C) NHWC: SD-VAE latents of 256px ImageNet by default.
+  c.latent = ml_collections.ConfigDict(dict(height=32, width=32, channels=4))
+
+  # Stage schedule (stages.py): interior boundaries in (0, 1), increasing; one patch (rows, cols)
+  # and one CFG scale per stage, coarsest (t = 0, noise) first, finest last.
+  c.schedule = ml_collections.ConfigDict(dict(
+      boundaries=(0.5,), patch_sizes=((4, 4), (2, 2)), cfg_scales=(1.0, 3.0)))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=400_000,
+      batch_size=256,         # global batch; split over stages in proportion to time ranges.
+      lr=1e-4, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,  # paper: AdamW 1e-4, no decay.
+      warmup_steps=0,
+      grad_clip_norm=0.0,     # 0 = off (SiT/PPFlow do not clip).
+      ema_decay=0.9999,
+      regime='ppflow',        # 'ppflow' | 'flexidit' | 'lumina' (flow.py: timestep sampler).
+      lumina_shift=3.0,       # 'lumina' regime: time-shift strength for the smallest/largest patch.
+      packing=True,           # Patch n' Pack of coarse samples into finest-length rows.
+      log_every=100,
+      sample_every=0,         # 0 = no periodic sample grids.
+      init_from='',           # '' | a converted workdir | a PyTorch/safetensors SiT/PPF file.
+  ))
+
+  c.sample = ml_collections.ConfigDict(dict(
+      method='heun',          # 'euler' | 'heun' (ODE, fixed grid) | 'sde' (Euler-Maruyama, SiT).
+      num_steps=250,          # grid points: linspace(0, 1, num_steps) -> num_steps - 1 steps
+                              # (official PPFlow: heun over linspace(0, 1, 250)).
+      cfg_channels='all',     # 'all' | 'legacy' = guide latent channels 0..2 only (SiT/DiT/PPFlow).
+      skip_unit_cfg=True,     # a stage with scale 1.0 runs the conditional pass only (exact math).
+      sde_last_step=0.04,     # SiT SDE: EM on linspace(0, 1 - last, n), then one mean step.
+      sde_diffusion_norm=1.0,  # SiT 'sigma' diffusion form: norm * (1 - t).
+      batch_size=64,
+      num_images=16,          # --mode=sample grid size.
+      force_finest=False,     # use the finest stage at every t (the SiT reference of a PPF model).
+      use_ema=True,
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source='imagenet',      # 'fashion_mnist' | 'imagenet' | 'image_folder' | 'latents'.
+      path='',                # tfds data_dir / image folder / latent shard directory.
+      image_size=256,
+      flip=True,              # random horizontal flip, the only augmentation (ADM/SiT).
+      shuffle_seed=0,
+      num_workers=0,          # grain worker processes (0 = in process).
+      prefetch=2,
+  ))
+
+  c.vae = ml_collections.ConfigDict(dict(
+      path='',                # diffusers AutoencoderKL weights dir/file; '' = no VAE (latents are images).
+      scaling_factor=0.18215,  # SD VAE (Rombach et al.); latent = VAE(x) * scaling_factor.
+  ))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=5000, max_to_keep=3, async_save=True,
+      allow_model_mismatch=False,  # refuse a checkpoint whose model fields differ from the config.
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices.
+
+  c.eval = ml_collections.ConfigDict(dict(
+      num_samples=50_000, labels='uniform',  # 'uniform' (ADM/DiT) | 'balanced' (50 per class).
+      reference_batch='', inception_weights='', out_dir='',
+  ))
+  return c
+
+
+def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
+  """`base_config().model` with depth/hidden/heads filled from a MODEL_SIZES preset."""
+  m = base_config().model
+  m.size = size
+  m.depth, m.hidden_size, m.num_heads = MODEL_SIZES[size]
+  m.update(overrides)
+  return m
+
+
+def set_schedule(config: ml_collections.ConfigDict, num_stages: int, cfg_scales) -> None:
+  """Fills `config.schedule` with the paper's `num_stages` schedule and the given CFG scales."""
+  config.schedule.boundaries = SCHEDULES[num_stages]['boundaries']
+  config.schedule.patch_sizes = SCHEDULES[num_stages]['patch_sizes']
+  config.schedule.cfg_scales = tuple(cfg_scales)
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Fills derived model fields (size preset) in place and validates; returns the config."""
+  m = config.model
+  if m.size not in MODEL_SIZES:
+    raise ValueError(f'config.model.size={m.size!r} is not one of {sorted(MODEL_SIZES)}')
+  depth, hidden, heads = MODEL_SIZES[m.size]
+  m.depth = m.depth or depth
+  m.hidden_size = m.hidden_size or hidden
+  m.num_heads = m.num_heads or heads
+  validate(config)
+  return config
+
+
+def _choice(value, name: str, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(f'{name}={value!r} must be one of {list(allowed)}')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError with the offending field for values no run can use."""
+  m = config.model
+  _choice(m.variant, 'config.model.variant', ('ppf', 'mpdit'))
+  _choice(m.dtype, 'config.model.dtype', ('float32', 'bfloat16'))
+  _choice(m.param_dtype, 'config.model.param_dtype', ('float32', 'bfloat16'))
+  _choice(m.attention, 'config.model.attention', ('auto', 'xla', 'splash', 'pallas_gpu', 'cudnn'))
+  if m.hidden_size % m.num_heads:
+    raise ValueError(f'config.model.hidden_size={m.hidden_size} is not divisible by '
+                     f'num_heads={m.num_heads}')
+  if not 0.0 <= m.class_dropout < 1.0:
+    raise ValueError(f'config.model.class_dropout={m.class_dropout} must be in [0, 1)')
+  _choice(config.train.regime, 'config.train.regime', ('ppflow', 'flexidit', 'lumina'))
+  _choice(config.sample.method, 'config.sample.method', ('euler', 'heun', 'sde'))
+  _choice(config.sample.cfg_channels, 'config.sample.cfg_channels', ('all', 'legacy'))
+  _choice(config.data.source, 'config.data.source',
+          ('fashion_mnist', 'imagenet', 'image_folder', 'latents'))
+  _choice(config.eval.labels, 'config.eval.labels', ('uniform', 'balanced'))
+  if config.sample.num_steps < 2:
+    raise ValueError(f'config.sample.num_steps={config.sample.num_steps} must be >= 2 '
+                     '(it counts grid points including both ends)')
+  for name in ('steps', 'batch_size'):
+    if config.train[name] <= 0:
+      raise ValueError(f'config.train.{name}={config.train[name]} must be positive')
+  if not 0.0 <= config.train.ema_decay < 1.0:
+    raise ValueError(f'config.train.ema_decay={config.train.ema_decay} must be in [0, 1)')
+  # Stage schedule checks live with the schedule itself.
+  from ppflow_jax import stages  # pylint: disable=g-import-not-at-top
+  stages.from_config(config)
+
+
+def imagenet_config(size: str, num_stages: int, cfg_scales, *, resolution: int = 256,
+                    arg: str | None = None) -> ml_collections.ConfigDict:
+  """SiT/PPF on ImageNet SD-VAE latents (32x32x4 at 256 px, 64x64x4 at 512 px).
+
+  `arg='runlocal'` shrinks the model, batch and steps for a quick local run of the same recipe
+  on Fashion-MNIST data (big_vision's `config.py:runlocal` convention).
+  """
+  c = base_config()
+  c.model.update(model_config(size))
+  c.latent.height = c.latent.width = resolution // 8
+  c.data.image_size = resolution
+  c.data.source = 'latents'
+  set_schedule(c, num_stages, cfg_scales)
+  if arg == 'runlocal':
+    c.model.update(model_config('S', depth=2, hidden_size=96, num_heads=4, num_classes=10))
+    c.latent.update(height=32, width=32, channels=1)
+    c.data.source = 'fashion_mnist'
+    c.vae.path = ''
+    c.train.update(steps=20, batch_size=16, log_every=5)
+    c.sample.update(num_steps=8, batch_size=8, num_images=8)
+    c.checkpoint.every_steps = 10
+  elif arg:
+    raise ValueError(f'unknown config argument {arg!r}; the only one is "runlocal"')
+  return c
+
+
+def sit_config(size: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """SiT-<size>/2 on ImageNet 256 with SiT's FID sampler: SDE (Euler-Maruyama), CFG 1.5.
+
+  SiT guided latent channels 0..2 only; add `--config.sample.cfg_channels=legacy` to match it.
+  """
+  c = imagenet_config(size, 1, (1.5,), arg=arg)
+  c.sample.method = 'sde'
+  return c
