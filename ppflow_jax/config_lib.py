@@ -75,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=100,
       sample_every=0,         # 0 = no periodic sample grids.
       init_from='',           # '' | a converted workdir | a PyTorch/safetensors SiT/PPF file.
+      final_report=False,     # after training: sample grid, loss plot, PPF-vs-finest timing report.
   ))
 
   c.sample = ml_collections.ConfigDict(dict(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -89,19 +90,27 @@ def unpack(plan: PackPlan, packed: jax.Array) -> list[jax.Array]:
 
 
 def bucketed_forward(model, xs: list[jax.Array], ts: list[jax.Array], ys: list[jax.Array],
-                     packed: bool) -> list[jax.Array]:
-  """Velocity of every stage bucket: xs[s]: (n_s, H, W, C), ts[s]/ys[s]: (n_s,) -> [(n_s, H, W, C)].
+                     packed: bool, stages: Sequence[int] | None = None) -> list[jax.Array]:
+  """Velocity of every bucket: xs[i]: (n_i, H, W, C), ts[i]/ys[i]: (n_i,) -> [(n_i, H, W, C)].
 
+  Bucket i runs model stage `stages[i]` (default: bucket i is stage i, the training layout; the
+  sampler's FlexiDiT guidance packs a fine and a coarse pass of the same images this way).
   Packed: one pass of the shared blocks over all buckets' tokens packed into finest-length rows.
-  Unpacked: one forward per bucket. Both compute the same function (tested).
+  Unpacked: one forward per bucket. Both compute the same function (tested). Models without the
+  piecewise API (MPDiT, one stage and no shared token stream to pack) run whole per bucket.
   """
-  stages = range(len(xs))
-  cs = [model.condition(ts[s], ys[s], s) for s in stages]
-  tokens = [model.embed(xs[s], s) for s in stages]
+  stages = tuple(range(len(xs))) if stages is None else tuple(stages)
+  if len(stages) != len(xs):
+    raise ValueError(f'{len(xs)} buckets but {len(stages)} stage indices')
+  buckets = range(len(xs))
+  if not hasattr(model, 'run_blocks'):
+    return [model(xs[i], ts[i], ys[i], stages[i]) for i in buckets]
+  cs = [model.condition(ts[i], ys[i], stages[i]) for i in buckets]
+  tokens = [model.embed(xs[i], stages[i]) for i in buckets]
   if packed:
     plan = make_plan(tuple(x.shape[0] for x in xs), tuple(t.shape[1] for t in tokens))
     out = model.run_blocks(pack(plan, tokens), jnp.concatenate(cs), plan.layout())
     tokens = unpack(plan, out)
   else:
-    tokens = [model.run_blocks(tokens[s], cs[s]) for s in stages]
-  return [model.unembed(tokens[s], cs[s], s) for s in stages]
+    tokens = [model.run_blocks(tokens[i], cs[i]) for i in buckets]
+  return [model.unembed(tokens[i], cs[i], stages[i]) for i in buckets]

@@ -67,7 +67,7 @@ def test_xla_reference_equals_attention_within_each_segment():
 
 @pytest.mark.parametrize('impl', KERNELS)
 @pytest.mark.parametrize('length,kind', [(64, 'packed'), (64, 'none'), (40, 'ragged'),
-                                         (40, 'none'), (128, 'packed')])
+                                         (40, 'none')])
 def test_kernel_forward_matches_xla(impl, length, kind):
   q, k, v = _qkv(length)
   seg = _segments(kind, length)
@@ -198,7 +198,7 @@ def test_bad_inputs_raise_clear_errors():
 
 _MESH_SCRIPT = textwrap.dedent('''
     import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from jax.sharding import AxisType
     from ppflow_jax.ops import attention as attn
 
     shapes = []
@@ -244,8 +244,9 @@ _MESH_SCRIPT = textwrap.dedent('''
 def test_kernels_run_per_shard_on_a_device_mesh():
   """On 4 fake CPU devices (2 data x 2 tensor), kernels see (B/2, L, H/2, D) and match xla."""
   root = pathlib.Path(__file__).resolve().parents[1]
+  path = os.pathsep.join([str(root), os.environ.get('PYTHONPATH', '')])
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu', PYTHONPATH=f'{root}{os.pathsep}{os.environ.get("PYTHONPATH", "")}')
+             JAX_PLATFORMS='cpu', PYTHONPATH=path)
   proc = subprocess.run([sys.executable, '-c', _MESH_SCRIPT], env=env, cwd=root,
                         capture_output=True, text=True, timeout=300)
   assert 'MESH_OK' in proc.stdout, proc.stdout + proc.stderr

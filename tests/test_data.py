@@ -171,7 +171,14 @@ def test_image_folder_iterator(image_folder_dir):
 
 @pytest.fixture(scope='module')
 def tiny_vae():
-  return vae.AutoencoderKL(TINY_VAE, rngs=nnx.Rngs(0))
+  # Random weights filled in numpy: eager flax init compiles one initializer per shape (slow on CPU).
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: vae.AutoencoderKL(TINY_VAE, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(0)
+
+  def fill(v):
+    fan_in = np.prod(v.shape[:-1]) if len(v.shape) > 1 else 10.0
+    return jax.numpy.asarray(rng.normal(size=v.shape) / np.sqrt(fan_in), np.float32)
+  return nnx.merge(graphdef, jax.tree.map(fill, state))
 
 
 class _Interrupt(Exception):

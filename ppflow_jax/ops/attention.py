@@ -44,7 +44,8 @@ _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
-              impl: str = 'auto', mesh: jax.sharding.Mesh | None = None,
+              impl: str = 'auto',
+              mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
               interpret: bool | None = None) -> jax.Array:
   """Multi-head self-attention where tokens attend only within their segment.
 
@@ -197,7 +198,7 @@ def _per_shard(kernel, q, k, v, segment_ids, mesh):
   if segment_ids is not None:
     segment_ids = segment_ids.astype(jnp.int32)
   mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-  manual = set(getattr(mesh, 'manual_axes', ()))
+  manual = set(mesh.manual_axes)
   sizes = {} if mesh.empty else dict(mesh.shape)
   batch_axes = tuple(a for a in BATCH_AXES if a in sizes and a not in manual)
   head_axis = HEAD_AXIS if HEAD_AXIS in sizes and HEAD_AXIS not in manual else None

@@ -1,0 +1,106 @@
+"""The training loop: data -> sharded steps -> logs -> checkpoints -> sample grids -> report.
+
+`train_and_evaluate(config, workdir)` is what `main --mode=train` runs. It resumes from the
+latest complete checkpoint in `workdir` (checkpoint.py) and stops with a clear error, without
+saving, if a step produced a non-finite loss or gradient (the state of such a step is never kept).
+Metrics go to `workdir/metrics.jsonl` (one JSON object per logged step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from absl import logging
+
+from ppflow_jax import checkpoint
+from ppflow_jax import data as data_lib
+from ppflow_jax import report
+from ppflow_jax import sharding
+from ppflow_jax.train import Trainer, TrainState
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A step produced a NaN/inf loss or gradient; the last good checkpoint is left intact."""
+
+
+def global_batch(local: dict, trainer: Trainer) -> dict:
+  """This process's rows -> global arrays sharded over (data, fsdp)."""
+  return {k: jax.make_array_from_process_local_data(trainer.batch_sharding[k], np.asarray(v))
+          for k, v in local.items()}
+
+
+def check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+  """Fetches buffered step metrics; raises NonFiniteLossError at the first bad step."""
+  fetched = [(step, jax.device_get(m)) for step, m in pending]
+  for step, m in fetched:
+    if m['nonfinite']:
+      raise NonFiniteLossError(
+          f'step {step}: loss={float(m["loss"])} grad_norm={float(m["grad_norm"])} is not finite. '
+          'Training stopped; this step was not applied and nothing after the last checkpoint '
+          'was saved. Lower config.train.lr, enable config.train.grad_clip_norm, or check the '
+          'data for NaNs, then rerun the same command to resume from the last checkpoint.')
+  return fetched
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> tuple[Trainer, TrainState]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints) -> (trainer, final state)."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config)
+  trainer = Trainer(config, mesh)
+  lead = jax.process_index() == 0
+  data_iter = data_lib.make_train_iterator(
+      config, global_batch_size=config.train.batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count(), seed=config.seed)
+  ckpt = checkpoint.Checkpointer(workdir, config, trainer)
+  state = ckpt.restore_or_init(data_iter)
+  start = int(jax.device_get(state.step))
+  total = config.train.steps
+  logging.info('training %s from step %d to %d in %s', config.model.size, start, total, workdir)
+
+  metrics_file = open(os.path.join(workdir, 'metrics.jsonl'), 'a') if lead else None
+  pending: list[tuple[int, dict]] = []
+  bar = tqdm.tqdm(total=total, initial=start, disable=not lead, dynamic_ncols=True,
+                  desc='train')
+  last_time, last_step = time.time(), start
+  try:
+    with jax.set_mesh(mesh):
+      for step in range(start + 1, total + 1):
+        state, metrics = trainer.step(state, global_batch(next(data_iter), trainer))
+        pending.append((step, metrics))
+        bar.update(1)
+        if step % config.train.log_every == 0 or step == total or ckpt.should_save(step):
+          fetched = check_finite(pending)
+          pending = []
+          now = time.time()
+          rate = (step - last_step) / max(now - last_time, 1e-9)
+          last_time, last_step = now, step
+          record = {k: float(v) for k, v in fetched[-1][1].items()}
+          record.update(step=step, steps_per_sec=rate)
+          bar.set_postfix(loss=f'{record["loss"]:.4f}', steps_s=f'{rate:.2f}')
+          if metrics_file:
+            metrics_file.write(json.dumps(record) + '\n')
+            metrics_file.flush()
+        if ckpt.reached_preemption(step):
+          check_finite(pending)
+          ckpt.save(step, state, data_iter, force=True)
+          logging.warning('preempted: saved step %d; rerun the same command to resume', step)
+          return trainer, state
+        ckpt.maybe_save(step, state, data_iter)
+        if config.train.sample_every and step % config.train.sample_every == 0 and lead:
+          report.save_sample_grid(trainer, state, config,
+                                  os.path.join(workdir, f'samples_{step:07d}.png'))
+    ckpt.save(total, state, data_iter, force=True)
+  finally:
+    bar.close()
+    ckpt.close()
+    if metrics_file:
+      metrics_file.close()
+  return trainer, state
+

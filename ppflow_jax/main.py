@@ -1,0 +1,92 @@
+"""Command-line entry point: `python -m ppflow_jax.main --config=configs/X.py --workdir=DIR`.
+
+Modes: `train` (default; resumes from the latest checkpoint in workdir, then writes the run
+report), `sample` (a class-conditional grid from the workdir's EMA weights) and `sample_fid`
+(evaluation/sample.py: N samples as an ADM .npz with an eval card). Any config field can be
+overridden: `--config.train.steps=100 --config.schedule.cfg_scales='(1.0, 4.0)'`.
+Multi-process runs call `jax.distributed.initialize()` (automatic on TPU VMs; on GPU clusters
+pass --coordinator_address, --num_processes and --process_id, see launch/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from ppflow_jax import config_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, logs, samples and reports.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'sample_fid'], 'What to run.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def maybe_initialize_distributed() -> None:
+  """Joins a multi-process job when flags or the TPU environment say there is one."""
+  if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0:
+    jax.distributed.initialize()
+
+
+def load_vae(config):
+  if not config.vae.path:
+    return None
+  from ppflow_jax import vae  # pylint: disable=g-import-not-at-top
+  return vae.load_diffusers_vae(config.vae.path)
+
+
+def fmnist_evaluator(config, workdir: str):
+  """The Fashion-MNIST feature network for the embedded default's FID (None elsewhere)."""
+  if config.data.source != 'fashion_mnist':
+    return None
+  from ppflow_jax.evaluation import fmnist_features  # pylint: disable=g-import-not-at-top
+  return fmnist_features.FMNISTEvaluator(os.path.join(workdir, 'fmnist_classifier'))
+
+
+def run(config, workdir: str, mode: str) -> None:
+  from ppflow_jax import checkpoint, loop, report, sharding, train  # pylint: disable=g-import-not-at-top
+  config = config_lib.resolve(config)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  if mode == 'train':
+    trainer, state = loop.train_and_evaluate(config, workdir)
+  elif mode == 'sample':
+    trainer = train.Trainer(config, sharding.make_mesh(config))
+    state = checkpoint.restore_for_inference(workdir, config, trainer)
+    report.save_sample_grid(trainer, state, config, os.path.join(workdir, 'samples.png'),
+                            vae=load_vae(config))
+    logging.info('wrote %s', os.path.join(workdir, 'samples.png'))
+    return
+  else:
+    from ppflow_jax.evaluation import sample as fid_sample  # pylint: disable=g-import-not-at-top
+    fid_sample.run(config, workdir)
+    return
+  if jax.process_index() == 0 and config.train.final_report:
+    result = report.final_report(trainer, state, config, workdir, vae=load_vae(config),
+                                 evaluator=fmnist_evaluator(config, workdir))
+    logging.info('report: %s', json.dumps(result))
+    print(open(os.path.join(workdir, 'report.md')).read())
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  maybe_initialize_distributed()
+  run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
