@@ -117,6 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       num_samples=50_000, labels='uniform',  # 'uniform' (ADM/DiT) | 'balanced' (50 per class).
       reference_batch='', inception_weights='', out_dir='',
+      fmnist_fid=True,        # Fashion-MNIST runs: FID of the report's samples (feature network).
   ))
   return c
 

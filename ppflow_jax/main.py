@@ -48,7 +48,7 @@ def load_vae(config):
 
 def fmnist_evaluator(config, workdir: str):
   """The Fashion-MNIST feature network for the embedded default's FID (None elsewhere)."""
-  if config.data.source != 'fashion_mnist':
+  if config.data.source != 'fashion_mnist' or not config.eval.fmnist_fid:
     return None
   from ppflow_jax.evaluation import fmnist_features  # pylint: disable=g-import-not-at-top
   return fmnist_features.FMNISTEvaluator(os.path.join(workdir, 'fmnist_classifier'))

@@ -1,0 +1,79 @@
+"""Every shipped config loads, resolves and rejects bad overrides clearly."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from conftest import ROOT
+from ppflow_jax import config_lib, stages
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
+
+
+def load(path, arg=None):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
+def test_config_resolves(path):
+  c = config_lib.resolve(load(path))
+  assert c.model.depth > 0 and c.model.hidden_size % c.model.num_heads == 0
+
+
+@pytest.mark.parametrize('name, patches, scales', [
+    ('ppf_xl_2', ((4, 4), (2, 2)), (1.0, 3.0)),
+    ('ppf_xl_3', ((4, 4), (2, 4), (2, 2)), (1.0, 3.5, 3.75)),
+    ('ppf_b_2', ((4, 4), (2, 2)), (1.5, 3.5)),
+    ('ppf_b_3', ((4, 4), (2, 4), (2, 2)), (1.5, 3.5, 4.0)),
+])
+def test_paper_models(name, patches, scales):
+  c = config_lib.resolve(load(os.path.join(ROOT, 'configs', f'{name}.py')))
+  assert tuple(map(tuple, c.schedule.patch_sizes)) == patches
+  assert tuple(c.schedule.cfg_scales) == scales
+  assert (c.latent.height, c.latent.width, c.latent.channels) == (32, 32, 4)
+  assert c.train.lr == 1e-4 and c.train.weight_decay == 0 and c.train.batch_size == 256
+  assert c.train.ema_decay == 0.9999 and c.model.class_dropout == 0.1
+
+
+def test_512_latent_and_b5_schedule():
+  c = config_lib.resolve(load(os.path.join(ROOT, 'configs', 'ppf_xl_2_512.py')))
+  assert c.latent.height == 64
+  s = stages.from_config(config_lib.resolve(load(os.path.join(ROOT, 'configs', 'ppf_b_5.py'))))
+  assert [s.num_tokens(i) for i in range(5)] == [16, 32, 64, 128, 256]
+
+
+def test_runlocal_variant():
+  c = config_lib.resolve(load(os.path.join(ROOT, 'configs', 'ppf_xl_2.py'), 'runlocal'))
+  assert c.data.source == 'fashion_mnist' and c.model.depth == 2
+  with pytest.raises(ValueError, match='runlocal'):
+    load(os.path.join(ROOT, 'configs', 'ppf_xl_2.py'), 'fast')
+
+
+@pytest.mark.parametrize('section, field, value, message', [
+    ('model', 'dtype', 'float16', 'config.model.dtype'),
+    ('model', 'num_heads', 7, 'not divisible by num_heads'),
+    ('sample', 'method', 'dopri5', 'config.sample.method'),
+    ('sample', 'cfg_channels', 'three', 'config.sample.cfg_channels'),
+    ('train', 'regime', 'random', 'config.train.regime'),
+    ('data', 'source', 'cifar', 'config.data.source'),
+    ('train', 'batch_size', 0, 'must be positive'),
+])
+def test_bad_values_rejected(section, field, value, message):
+  c = load(os.path.join(ROOT, 'configs', 'default.py'))
+  c[section][field] = value
+  with pytest.raises(ValueError, match=message):
+    config_lib.resolve(c)
+
+
+def test_unknown_field_rejected():
+  c = load(os.path.join(ROOT, 'configs', 'default.py'))
+  c.lock()  # main's config_flags locks it: an override of a misspelt field fails
+  with pytest.raises(AttributeError, match='stpes'):
+    c.train.stpes = 3
