@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype='float32',
       attention='auto',       # 'auto' | 'xla' | 'splash' | 'pallas_gpu' | 'cudnn' (ops/attention.py).
       # MPDiT only (models/mpdit.py): blocks that run on small-patch tokens, class prefix tokens.
-      mpdit_fine_blocks=6, mpdit_class_tokens=4,
+      mpdit_fine_blocks=6, mpdit_class_tokens=16, mpdit_coarse_patch=(),  # () = 2x the finest.
   ))
 
   # The latent the model sees, (H, W, C) NHWC: SD-VAE latents of 256px ImageNet by default.
@@ -89,6 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=64,
       num_images=16,          # --mode=sample grid size.
       force_finest=False,     # use the finest stage at every t (the SiT reference of a PPF model).
+      guidance='cfg',         # 'cfg' | 'weak_conditional' (FlexiDiT §3.4: the weak patch's
+      guidance_stage=0,       #   conditional prediction replaces the unconditional one).
       use_ema=True,
   ))
 

@@ -3,6 +3,7 @@
 `train_and_evaluate(config, workdir)` is what `main --mode=train` runs. It resumes from the
 latest complete checkpoint in `workdir` (checkpoint.py) and stops with a clear error, without
 saving, if a step produced a non-finite loss or gradient (the state of such a step is never kept).
+On SIGTERM or a JAX preemption sync point it saves the current step and exits with status 0.
 Metrics go to `workdir/metrics.jsonl` (one JSON object per logged step).
 """
 
@@ -35,6 +36,33 @@ def global_batch(local: dict, trainer: Trainer) -> dict:
           for k, v in local.items()}
 
 
+class OnlineEncoder:
+  """Image batches -> model latents on device: a VAE posterior sample times the scaling factor.
+
+  Used when config.data is an image source and config.vae.path is set; pre-extracted latents
+  (data/extract.py) avoid this cost and are the recommended path for ImageNet.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, trainer: Trainer):
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    from ppflow_jax import vae  # pylint: disable=g-import-not-at-top
+    graphdef, self.state = nnx.split(vae.load_diffusers_vae(config.vae.path))
+    scale, self.seed = config.vae.scaling_factor, config.seed
+
+    def encode(state, images, key):
+      return vae.sample_posterior(*nnx.merge(graphdef, state).encode(images), key) * scale
+    self._encode = jax.jit(encode, out_shardings=trainer.batch_sharding['x'])
+
+  def __call__(self, batch: dict, step: int) -> dict:
+    """batch['x']: (B, H, W, 3) images in [-1, 1] -> (B, H/8, W/8, C) latents."""
+    key = jax.random.fold_in(jax.random.key(self.seed + 1), step)
+    return dict(batch, x=self._encode(self.state, batch['x'], key))
+
+
+def needs_online_encoding(config: ml_collections.ConfigDict) -> bool:
+  return config.data.source in ('imagenet', 'image_folder') and bool(config.vae.path)
+
+
 def check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
   """Fetches buffered step metrics; raises NonFiniteLossError at the first bad step."""
   fetched = [(step, jax.device_get(m)) for step, m in pending]
@@ -48,6 +76,21 @@ def check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
   return fetched
 
 
+def drop_records_after(path: str, step: int) -> None:
+  """Removes metrics of steps after `step` (work lost since the checkpoint a run resumes from)."""
+  if not os.path.exists(path):
+    return
+  def kept(line: str) -> bool:
+    try:
+      return json.loads(line)['step'] <= step
+    except (ValueError, KeyError):  # A line cut short by a kill.
+      return False
+  with open(path) as f:
+    lines = [l for l in f if kept(l)]
+  with open(path, 'w') as f:
+    f.writelines(lines)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> tuple[Trainer, TrainState]:
   """Trains `config` in `workdir` (resuming if it holds checkpoints) -> (trainer, final state)."""
@@ -58,13 +101,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   data_iter = data_lib.make_train_iterator(
       config, global_batch_size=config.train.batch_size, process_index=jax.process_index(),
       process_count=jax.process_count(), seed=config.seed)
+  encoder = OnlineEncoder(config, trainer) if needs_online_encoding(config) else None
   ckpt = checkpoint.Checkpointer(workdir, config, trainer)
   state = ckpt.restore_or_init(data_iter)
   start = int(jax.device_get(state.step))
   total = config.train.steps
   logging.info('training %s from step %d to %d in %s', config.model.size, start, total, workdir)
 
-  metrics_file = open(os.path.join(workdir, 'metrics.jsonl'), 'a') if lead else None
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  if lead:
+    drop_records_after(metrics_path, start)
+  metrics_file = open(metrics_path, 'a') if lead else None
   pending: list[tuple[int, dict]] = []
   bar = tqdm.tqdm(total=total, initial=start, disable=not lead, dynamic_ncols=True,
                   desc='train')
@@ -72,7 +119,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   try:
     with jax.set_mesh(mesh):
       for step in range(start + 1, total + 1):
-        state, metrics = trainer.step(state, global_batch(next(data_iter), trainer))
+        batch = global_batch(next(data_iter), trainer)
+        if encoder is not None:
+          batch = encoder(batch, step)
+        state, metrics = trainer.step(state, batch)
         pending.append((step, metrics))
         bar.update(1)
         if step % config.train.log_every == 0 or step == total or ckpt.should_save(step):
@@ -91,7 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           check_finite(pending)
           ckpt.save(step, state, data_iter, force=True)
           logging.warning('preempted: saved step %d; rerun the same command to resume', step)
-          return trainer, state
+          raise SystemExit(0)  # A clean exit that skips the report; `finally` awaits the save.
         ckpt.maybe_save(step, state, data_iter)
         if config.train.sample_every and step % config.train.sample_every == 0 and lead:
           report.save_sample_grid(trainer, state, config,

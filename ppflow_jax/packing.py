@@ -24,9 +24,15 @@ from ppflow_jax.models import dit
 
 @dataclasses.dataclass(frozen=True)
 class PackPlan:
-  """Static packing of buckets with `counts[s]` samples of `lengths[s]` tokens into rows."""
+  """Static packing of buckets with `counts[s]` samples of `lengths[s]` tokens into rows.
+
+  `row_multiple` rounds the row count up (to the mesh's batch shards, so that every shard gets
+  whole rows and the per-shard attention kernels see equal batches); the added rows are padding
+  after the last stage's rows.
+  """
   counts: tuple[int, ...]
   lengths: tuple[int, ...]
+  row_multiple: int = 1
 
   @property
   def row_length(self) -> int:
@@ -35,8 +41,15 @@ class PackPlan:
   def per_row(self, s: int) -> int:
     return self.row_length // self.lengths[s]
 
-  def rows(self, s: int) -> int:
+  def _filled_rows(self, s: int) -> int:
     return math.ceil(self.counts[s] / self.per_row(s))
+
+  def rows(self, s: int) -> int:
+    """Rows of stage s (the last stage's include the rows added for `row_multiple`)."""
+    if s != len(self.counts) - 1:
+      return self._filled_rows(s)
+    filled = sum(self._filled_rows(i) for i in range(len(self.counts)))
+    return self._filled_rows(s) + (-filled) % self.row_multiple
 
   @property
   def num_rows(self) -> int:
@@ -59,13 +72,20 @@ class PackPlan:
     return dit.TokenLayout(jnp.asarray(np.concatenate(seg), jnp.int32), groups)
 
 
-def make_plan(counts: tuple[int, ...], lengths: tuple[int, ...]) -> PackPlan:
+def make_plan(counts: tuple[int, ...], lengths: tuple[int, ...],
+              row_multiple: int = 1) -> PackPlan:
+  """Plans `counts[s]` samples of `lengths[s]` tokens per stage into rows of max(lengths)."""
+  if len(counts) != len(lengths) or not counts:
+    raise ValueError(f'need one count per token length; got counts={counts}, lengths={lengths}')
+  if min(counts) < 1 or min(lengths) < 1 or row_multiple < 1:
+    raise ValueError(f'counts={counts}, lengths={lengths} and row_multiple={row_multiple} must '
+                     'be positive')
   longest = max(lengths)
   for n, length in zip(counts, lengths):
     if longest % length:
       raise ValueError(f'cannot pack {length}-token samples into {longest}-token rows: '
                        'every stage token count must divide the finest one')
-  return PackPlan(tuple(counts), tuple(lengths))
+  return PackPlan(tuple(counts), tuple(lengths), row_multiple)
 
 
 def pack(plan: PackPlan, tokens: list[jax.Array]) -> jax.Array:
@@ -90,7 +110,8 @@ def unpack(plan: PackPlan, packed: jax.Array) -> list[jax.Array]:
 
 
 def bucketed_forward(model, xs: list[jax.Array], ts: list[jax.Array], ys: list[jax.Array],
-                     packed: bool, stages: Sequence[int] | None = None) -> list[jax.Array]:
+                     packed: bool, stages: Sequence[int] | None = None, *,
+                     row_multiple: int = 1) -> list[jax.Array]:
   """Velocity of every bucket: xs[i]: (n_i, H, W, C), ts[i]/ys[i]: (n_i,) -> [(n_i, H, W, C)].
 
   Bucket i runs model stage `stages[i]` (default: bucket i is stage i, the training layout; the
@@ -98,6 +119,7 @@ def bucketed_forward(model, xs: list[jax.Array], ts: list[jax.Array], ys: list[j
   Packed: one pass of the shared blocks over all buckets' tokens packed into finest-length rows.
   Unpacked: one forward per bucket. Both compute the same function (tested). Models without the
   piecewise API (MPDiT, one stage and no shared token stream to pack) run whole per bucket.
+  `row_multiple`: see PackPlan (the trainer passes its mesh's number of batch shards).
   """
   stages = tuple(range(len(xs))) if stages is None else tuple(stages)
   if len(stages) != len(xs):
@@ -108,7 +130,8 @@ def bucketed_forward(model, xs: list[jax.Array], ts: list[jax.Array], ys: list[j
   cs = [model.condition(ts[i], ys[i], stages[i]) for i in buckets]
   tokens = [model.embed(xs[i], stages[i]) for i in buckets]
   if packed:
-    plan = make_plan(tuple(x.shape[0] for x in xs), tuple(t.shape[1] for t in tokens))
+    plan = make_plan(tuple(x.shape[0] for x in xs), tuple(t.shape[1] for t in tokens),
+                     row_multiple)
     out = model.run_blocks(pack(plan, tokens), jnp.concatenate(cs), plan.layout())
     tokens = unpack(plan, out)
   else:

@@ -14,6 +14,10 @@ Published behaviour, reproducible by config (`config.sample`):
 - `cfg_channels='legacy'` guides latent channels 0..2 only and keeps the conditional velocity
   on channel 3, as SiT/DiT/PPFlow's `forward_with_cfg` (scale s on 3 channels ~ 1 + 3/4 (s - 1)
   on 4). The default 'all' guides every channel.
+- `guidance='weak_conditional'` (FlexiDiT §3.4): where the stage's patch is finer than stage
+  `guidance_stage`'s, the guidance pass is the *conditional* prediction with that coarser patch,
+  v = v_c(p_guid) + s (v_c(p_cond) - v_c(p_guid)); elsewhere (p_cond = p_guid) it is standard CFG.
+  Both passes share one packed forward (FlexiDiT appendix B.2, packing.bucketed_forward).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from ppflow_jax import packing
 from ppflow_jax import stages as stages_lib
 
 LEGACY_GUIDED_CHANNELS = 3
@@ -42,13 +47,17 @@ class SamplerSpec:
   sde_last_step: float = 0.04
   sde_diffusion_norm: float = 1.0
   force_finest: bool = False      # finest patch at every t (CFG scales still follow time)
+  guidance: str = 'cfg'           # 'cfg' | 'weak_conditional' (FlexiDiT weak-model guidance)
+  guidance_stage: int = 0         # 'weak_conditional': the stage whose patch gives the guidance
+  pack_guidance: bool = True      # 'weak_conditional': both passes in one packed forward
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, **overrides) -> 'SamplerSpec':
     s = config.sample
     fields = dict(method=s.method, num_steps=s.num_steps, cfg_channels=s.cfg_channels,
                   skip_unit_cfg=s.skip_unit_cfg, sde_last_step=s.sde_last_step,
-                  sde_diffusion_norm=s.sde_diffusion_norm, force_finest=s.force_finest)
+                  sde_diffusion_norm=s.sde_diffusion_norm, force_finest=s.force_finest,
+                  guidance=s.guidance, guidance_stage=s.guidance_stage)
     fields.update(overrides)
     return cls(**fields)
 
@@ -130,6 +139,11 @@ class Sampler:
     self.schedule = schedule
     self.spec = spec
     self.null_class = num_classes
+    if spec.guidance not in ('cfg', 'weak_conditional'):
+      raise ValueError(f"sample guidance={spec.guidance!r} must be 'cfg' or 'weak_conditional'")
+    if spec.guidance == 'weak_conditional' and not 0 <= spec.guidance_stage < len(schedule):
+      raise ValueError(f'sample guidance_stage={spec.guidance_stage} is not a stage of the '
+                       f'{len(schedule)}-stage schedule')
     self.segments = plan(schedule, spec)
     self.steps = integration_steps(spec)
     self.trace_count = 0  # programs traced (= compiled) so far; tests count them.
@@ -139,19 +153,29 @@ class Sampler:
   def _scale(self, t: float) -> float:
     return self.schedule.stages[self.schedule.stage_index(min(t, 1.0))].cfg_scale
 
+  def weak_guidance_stage(self, stage: int) -> int | None:
+    """The coarser stage whose conditional pass guides `stage`, or None for standard CFG."""
+    s = self.spec
+    return s.guidance_stage if s.guidance == 'weak_conditional' and s.guidance_stage < stage else None
+
   def _velocity_fn(self, state: nnx.State, segment: Segment, y: jax.Array) -> Callable:
     """Returns v(x, t, scale): the guided velocity of `segment`'s stage. x: (B, H, W, C)."""
     model = nnx.merge(self.graphdef, state)
     null = jnp.full_like(y, self.null_class)
     legacy = self.spec.cfg_channels == 'legacy'
+    weak = self.weak_guidance_stage(segment.stage)
 
     def velocity(x, t, scale):
       tb = jnp.full((x.shape[0],), t, jnp.float32)
       if not segment.guided:
         return model(x, tb, y, segment.stage)
-      both = model(jnp.concatenate([x, x]), jnp.concatenate([tb, tb]),
-                   jnp.concatenate([y, null]), segment.stage)
-      cond, uncond = jnp.split(both, 2)
+      if weak is None:
+        both = model(jnp.concatenate([x, x]), jnp.concatenate([tb, tb]),
+                     jnp.concatenate([y, null]), segment.stage)
+        cond, uncond = jnp.split(both, 2)
+      else:  # the "unconditional" slot holds the weak patch's conditional prediction
+        cond, uncond = packing.bucketed_forward(model, [x, x], [tb, tb], [y, y],
+                                                self.spec.pack_guidance, (segment.stage, weak))
       guided = uncond + scale * (cond - uncond)
       if legacy:
         guided = jnp.concatenate([guided[..., :LEGACY_GUIDED_CHANNELS],

@@ -46,7 +46,7 @@ FNO_LAYERS = 3
 def coarse_patch(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """The large patch of the first N - k blocks: config.model.mpdit_coarse_patch, default 2x fine."""
   fh, fw = stages_lib.from_config(config).finest.patch
-  patch = config.model.get('mpdit_coarse_patch', None) or (2 * fh, 2 * fw)
+  patch = tuple(config.model.mpdit_coarse_patch) or (2 * fh, 2 * fw)
   return int(patch[0]), int(patch[1])
 
 

@@ -1,0 +1,211 @@
+"""The side-by-side comparison of token-reduction methods on the embedded Fashion-MNIST default.
+
+Trains PPF-2 (configs/default.py), FlexiDiT-style and Lumina-style regimes of the same model
+(configs/default_flexidit.py, default_lumina.py) and a tiny MPDiT (configs/default_mpdit.py) for
+the same number of steps with the same data, optimizer and sampler, then scores each with the
+Fashion-MNIST FID (evaluation/fmnist_features.py) and times sampling. Two sampling-only rows reuse
+trained weights: FlexiDiT's weak-model guidance, and PPF-2 forced to its finest patch (the cost
+of the same network without pyramidal patchification).
+
+  python -m ppflow_jax.compare --workdir=/tmp/compare            # full run (docs/variants.md)
+  python -m ppflow_jax.compare --workdir=/tmp/compare_quick --quick  # smoke test, < 60 s
+
+Each variant trains in `<workdir>/<name>/` through loop.train_and_evaluate, so an interrupted run
+resumes from its checkpoints. Results go to `<workdir>/compare.json` and `compare.md`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+
+from configs import default as default_cfg
+from configs import default_flexidit
+from configs import default_lumina
+from configs import default_mpdit
+from ppflow_jax import config_lib
+from ppflow_jax import loop
+from ppflow_jax import report
+from ppflow_jax import sampling
+
+flags.DEFINE_string('workdir', None, 'Output directory (one subdirectory per trained variant).')
+flags.DEFINE_integer('steps', 0, 'Training steps per variant; 0 = the default config (1200).')
+flags.DEFINE_integer('num_samples', 1000, 'Samples per variant for the FID.')
+flags.DEFINE_integer('timing_repeats', 3, 'Timed sampling runs of one batch (after compiling).')
+flags.DEFINE_string('fid_cache', '', "Fashion-MNIST classifier cache; '' = <workdir>/fmnist_classifier.")
+flags.DEFINE_bool('quick', False, 'Smoke test: 3 steps, 20 samples, 4 grid points, tiny classifier.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str
+  get_config: object             # configs/*.py get_config
+  train_as: str = ''             # '' = own weights; else the variant whose weights it samples
+  sample_overrides: tuple = ()   # SamplerSpec field overrides, as (name, value) pairs
+  note: str = ''
+
+
+VARIANTS = (
+    Variant('PPF-2', default_cfg.get_config, note='each patch on its own time range'),
+    Variant('FlexiDiT-style', default_flexidit.get_config, note='every patch on U(0, 1)'),
+    Variant('FlexiDiT-style + weak guidance', default_flexidit.get_config,
+            train_as='FlexiDiT-style',
+            sample_overrides=(('guidance', 'weak_conditional'), ('guidance_stage', 0)),
+            note='2x2 steps guided by the 4x4 conditional pass (packed)'),
+    Variant('Lumina-style', default_lumina.get_config, note='every patch on all t, shifted'),
+    Variant('MPDiT', default_mpdit.get_config, note='4x4 blocks -> upsample -> 2x2 blocks'),
+    Variant('PPF-2 weights, finest patch only', default_cfg.get_config, train_as='PPF-2',
+            sample_overrides=(('force_finest', True),), note='speed reference (SiT cost)'),
+)
+
+
+def variant_config(v: Variant, steps: int, quick: bool) -> ml_collections.ConfigDict:
+  """The variant's config with the comparison's shared overrides (steps, quick sampler)."""
+  c = v.get_config()
+  if steps:
+    c.train.steps = steps
+  if quick:
+    c.train.update(steps=steps or 3, log_every=1, warmup_steps=0)
+    c.checkpoint.update(every_steps=1000, async_save=False)
+    c.sample.update(num_steps=4, batch_size=10)
+  # A few resumable checkpoints, none on the last step (loop saves that one itself).
+  every = c.train.steps // 3 + 1
+  c.checkpoint.every_steps = every if c.train.steps % every else c.train.steps + 1
+  return config_lib.resolve(c)
+
+
+def generate_all(trainer, params, config, spec: sampling.SamplerSpec, num: int) -> np.ndarray:
+  """`num` class-balanced samples (label i % num_classes) in config.sample.batch_size batches."""
+  sampler = sampling.Sampler(trainer.graphdef, trainer.schedule, spec, config.model.num_classes)
+  bs = config.sample.batch_size
+  labels = np.arange(num, dtype=np.int32) % config.model.num_classes
+  out = []
+  for start in range(0, num, bs):
+    y = labels[start:start + bs]
+    y = np.pad(y, (0, bs - len(y)))  # one compiled batch shape
+    noise, keys = report.initial_noise(config, bs, config.seed + start)
+    out.append(np.asarray(sampler.sample(params, noise, jnp.asarray(y), keys))[:num - start])
+  return np.concatenate(out), labels
+
+
+def time_batch(trainer, params, config, spec: sampling.SamplerSpec, repeats: int) -> float:
+  """Median seconds to sample one config.sample.batch_size batch (compile excluded)."""
+  sampler = sampling.Sampler(trainer.graphdef, trainer.schedule, spec, config.model.num_classes)
+  bs = config.sample.batch_size
+  noise, keys = report.initial_noise(config, bs, config.seed)
+  y = jnp.arange(bs, dtype=jnp.int32) % config.model.num_classes
+  jax.block_until_ready(sampler.sample(params, noise, y, keys))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(sampler.sample(params, noise, y, keys))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def last_loss(workdir: str) -> float | None:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return records[-1]['loss'] if records else None
+
+
+def make_evaluator(cache_dir: str, quick: bool):
+  """The Fashion-MNIST FID evaluator (a tiny classifier in --quick mode), or None if absent."""
+  try:
+    from ppflow_jax.evaluation import fmnist_features  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    logging.warning('No Fashion-MNIST evaluator (%s): FID columns stay empty.', e)
+    return None
+  kw = dict(train_steps=20) if quick else {}
+  return fmnist_features.FMNISTEvaluator(cache_dir, **kw)
+
+
+def run(workdir: str, steps: int = 0, num_samples: int = 1000, timing_repeats: int = 3,
+        fid_cache: str = '', quick: bool = False) -> list[dict]:
+  """Trains, samples, scores and times every variant; writes compare.json / compare.md."""
+  os.makedirs(workdir, exist_ok=True)
+  if quick:
+    num_samples = min(num_samples, 20)
+    timing_repeats = 1
+  evaluator = make_evaluator(fid_cache or os.path.join(workdir, 'fmnist_classifier'), quick)
+  trained, rows = {}, []
+  for v in VARIANTS:
+    config = variant_config(v, steps, quick)
+    vdir = os.path.join(workdir, v.train_as or v.name.replace(' ', '_'))
+    if v.train_as:
+      trainer, state, train_s = trained[v.train_as]
+    else:
+      t0 = time.time()
+      trainer, state = loop.train_and_evaluate(config, vdir)
+      train_s = time.time() - t0
+      trained[v.name] = (trainer, state, train_s)
+    spec = sampling.SamplerSpec.from_config(config, **dict(v.sample_overrides))
+    row = dict(variant=v.name, note=v.note, train_steps=config.train.steps,
+               train_seconds=round(train_s, 1), final_loss=last_loss(vdir),
+               evaluations=sum(sampling.num_evaluations(trainer.schedule, spec)))
+    if not spec.force_finest:  # the finest-only row is a speed reference (2x2 untrained at t <= 0.5)
+      images, labels = generate_all(trainer, state.ema, config, spec, num_samples)
+      if evaluator is not None:
+        row.update(evaluator.score(np.clip(images, -1.0, 1.0), labels))
+    row['sample_batch_seconds'] = time_batch(trainer, state.ema, config, spec, timing_repeats)
+    row['images_per_second'] = config.sample.batch_size / row['sample_batch_seconds']
+    logging.info('compare: %s', row)
+    rows.append(row)
+  base = rows[0]['sample_batch_seconds']
+  for r in rows:
+    r['speed_vs_ppf2'] = base / r['sample_batch_seconds']
+  meta = dict(num_samples=num_samples, quick=quick, device=str(jax.devices()[0]),
+              cpu_count=os.cpu_count(), sampler=dataclasses.asdict(
+                  sampling.SamplerSpec.from_config(variant_config(VARIANTS[0], steps, quick))))
+  with open(os.path.join(workdir, 'compare.json'), 'w') as f:
+    json.dump(dict(meta=meta, rows=rows), f, indent=2, default=float)
+  with open(os.path.join(workdir, 'compare.md'), 'w') as f:
+    f.write(markdown(rows, meta))
+  return rows
+
+
+def _fmt(value, spec: str) -> str:
+  return '-' if value is None else format(value, spec)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+  """The comparison table (one row per variant)."""
+  lines = [f"Fashion-MNIST FID over {meta['num_samples']} samples (classifier features, lower is "
+           f"better); sampling time of one batch on {meta['device']} ({meta['cpu_count']} CPUs).",
+           '',
+           '| variant | train steps | final loss | FID | precision | recall | label acc. | '
+           'model evals | s / batch | speed vs PPF-2 | note |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(
+        f"| {r['variant']} | {r['train_steps']} | {_fmt(r['final_loss'], '.4f')} | "
+        f"{_fmt(r.get('fid'), '.2f')} | {_fmt(r.get('precision'), '.3f')} | "
+        f"{_fmt(r.get('recall'), '.3f')} | {_fmt(r.get('accuracy_of_labels'), '.3f')} | "
+        f"{r['evaluations']} | {r['sample_batch_seconds']:.2f} | {r['speed_vs_ppf2']:.2f}x | "
+        f"{r['note']} |")
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS.workdir:
+    raise app.UsageError('--workdir is required')
+  f = flags.FLAGS
+  run(f.workdir, f.steps, f.num_samples, f.timing_repeats, f.fid_cache, f.quick)
+
+
+if __name__ == '__main__':
+  app.run(main)
