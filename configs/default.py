@@ -18,13 +18,14 @@ def get_config(arg=None):
   c.data.source = 'fashion_mnist'
   c.data.flip = False   # keeps garments in their canonical orientation
   c.vae.path = ''
-  c.train.update(steps=1200, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999,
+  c.train.update(steps=600, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999,
                  grad_clip_norm=1.0, log_every=50, final_report=True)
-  c.sample.update(method='heun', num_steps=40, batch_size=50, num_images=50)
-  c.checkpoint.update(every_steps=400, max_to_keep=2)
+  c.sample.update(method='heun', num_steps=25, batch_size=50, num_images=50)
+  c.checkpoint.update(every_steps=200, max_to_keep=2)
   if arg == 'runlocal':
     c.train.update(steps=30, log_every=10)
     c.sample.update(num_steps=6, num_images=10, batch_size=10)
+    c.eval.report_samples = 20
   elif arg:
     raise ValueError(f'unknown config argument {arg!r}; the only one is "runlocal"')
   return c

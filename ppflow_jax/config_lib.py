@@ -120,6 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_samples=50_000, labels='uniform',  # 'uniform' (ADM/DiT) | 'balanced' (50 per class).
       reference_batch='', inception_weights='', out_dir='',
       fmnist_fid=True,        # Fashion-MNIST runs: FID of the report's samples (feature network).
+      report_samples=200,     # samples per row of the end-of-run report (FID and timing).
   ))
   return c
 
