@@ -22,7 +22,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app
@@ -84,35 +83,6 @@ def variant_config(v: Variant, steps: int, quick: bool) -> ml_collections.Config
   return config_lib.resolve(c)
 
 
-def generate_all(trainer, params, config, spec: sampling.SamplerSpec, num: int) -> np.ndarray:
-  """`num` class-balanced samples (label i % num_classes) in config.sample.batch_size batches."""
-  sampler = sampling.Sampler(trainer.graphdef, trainer.schedule, spec, config.model.num_classes)
-  bs = config.sample.batch_size
-  labels = np.arange(num, dtype=np.int32) % config.model.num_classes
-  out = []
-  for start in range(0, num, bs):
-    y = labels[start:start + bs]
-    y = np.pad(y, (0, bs - len(y)))  # one compiled batch shape
-    noise, keys = report.initial_noise(config, bs, config.seed + start)
-    out.append(np.asarray(sampler.sample(params, noise, jnp.asarray(y), keys))[:num - start])
-  return np.concatenate(out), labels
-
-
-def time_batch(trainer, params, config, spec: sampling.SamplerSpec, repeats: int) -> float:
-  """Median seconds to sample one config.sample.batch_size batch (compile excluded)."""
-  sampler = sampling.Sampler(trainer.graphdef, trainer.schedule, spec, config.model.num_classes)
-  bs = config.sample.batch_size
-  noise, keys = report.initial_noise(config, bs, config.seed)
-  y = jnp.arange(bs, dtype=jnp.int32) % config.model.num_classes
-  jax.block_until_ready(sampler.sample(params, noise, y, keys))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(sampler.sample(params, noise, y, keys))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
-
-
 def last_loss(workdir: str) -> float | None:
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
@@ -152,15 +122,18 @@ def run(workdir: str, steps: int = 0, num_samples: int = 1000, timing_repeats: i
       trainer, state = loop.train_and_evaluate(config, vdir)
       train_s = time.time() - t0
       trained[v.name] = (trainer, state, train_s)
-    spec = sampling.SamplerSpec.from_config(config, **dict(v.sample_overrides))
+    sampler = report.make_sampler(trainer, config, **dict(v.sample_overrides))
     row = dict(variant=v.name, note=v.note, train_steps=config.train.steps,
                train_seconds=round(train_s, 1), final_loss=last_loss(vdir),
-               evaluations=sum(sampling.num_evaluations(trainer.schedule, spec)))
-    if not spec.force_finest:  # the finest-only row is a speed reference (2x2 untrained at t <= 0.5)
-      images, labels = generate_all(trainer, state.ema, config, spec, num_samples)
+               evaluations=sum(sampling.num_evaluations(trainer.schedule, sampler.spec)))
+    labels = np.arange(num_samples, dtype=np.int32) % config.model.num_classes
+    seconds = ()
+    if not sampler.spec.force_finest:  # a speed reference only (2x2 untrained at t <= 0.5)
+      images, seconds = report.sample_in_chunks(sampler, state.ema, config, labels, config.seed)
       if evaluator is not None:
         row.update(evaluator.score(np.clip(images, -1.0, 1.0), labels))
-    row['sample_batch_seconds'] = time_batch(trainer, state.ema, config, spec, timing_repeats)
+    row['sample_batch_seconds'] = float(np.median(report.steady_seconds(
+        sampler, state.ema, config, labels, seconds, timing_repeats)))
     row['images_per_second'] = config.sample.batch_size / row['sample_batch_seconds']
     logging.info('compare: %s', row)
     rows.append(row)

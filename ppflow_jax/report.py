@@ -78,11 +78,14 @@ def sample_in_chunks(sampler: sampling.Sampler, params, config: ml_collections.C
   return np.concatenate(out), seconds
 
 
-def steady_seconds(sampler, params, config, labels: np.ndarray, seconds: list[float],
+def steady_seconds(sampler, params, config, labels: np.ndarray, seconds=(),
                    repeats: int = 3) -> list[float]:
-  """Per-batch times without compilation: the full chunks after the first, else fresh repeats."""
+  """Per-batch times without compilation: the full chunks after the first of `seconds`, topped
+  up with fresh timed batches (after an untimed compile run if nothing ran yet)."""
   bs = config.sample.batch_size
   steady = list(seconds[1:len(labels) // bs])
+  if not seconds:
+    sample_in_chunks(sampler, params, config, labels[:bs], 0)
   while len(steady) < repeats:
     steady.append(sample_in_chunks(sampler, params, config, labels[:bs], 0)[1][0])
   return steady
