@@ -249,6 +249,20 @@ def test_extract_resume_and_loader(tmp_path, image_folder_dir, tiny_vae):
     np.testing.assert_array_equal(got['x'], want['x'])
     np.testing.assert_array_equal(got['y'], want['y'])
 
+  # A few train steps straight from the latent shards (the 'latents' source of main).
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from ppflow_jax import loop, sharding  # pylint: disable=g-import-not-at-top
+  from ppflow_jax.train import Trainer  # pylint: disable=g-import-not-at-top
+  train_config = tiny_config(2, channels=4)
+  train_config.data.update(source='latents', path=out)
+  trainer = Trainer(train_config, sharding.make_mesh(train_config))
+  train_state = trainer.init_state()
+  it = data.make_train_iterator(train_config, global_batch_size=8)
+  for _ in range(3):
+    train_state, metrics = trainer.step(train_state, loop.global_batch(next(it), trainer))
+    assert np.isfinite(float(metrics['loss']))
+  assert int(train_state.step) == 3
+
   # The count check catches a lost shard.
   os.remove(os.path.join(out, latents.index_name(2, 6)))
   with pytest.raises(RuntimeError, match='shard 2 missing'):

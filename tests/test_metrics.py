@@ -125,6 +125,8 @@ def test_precision_recall_matches_naive(dtype):
   ours = metrics.precision_recall(ref, sample, k=3, batch_size=17, dtype=dtype)
   assert 0.05 < expected[0] < 0.95 and 0.05 < expected[1] < 0.95  # A non-trivial case.
   assert ours == pytest.approx(expected, abs=1e-12)
+  radii = metrics.manifold_radii(ref, k=3, dtype=dtype)
+  assert metrics.precision_recall(ref, sample, ref_radii=radii, dtype=dtype) == ours
 
 
 def test_precision_recall_limits():

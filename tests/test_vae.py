@@ -134,3 +134,33 @@ def test_sd_config_param_tree_matches_diffusers(tmp_path):
     return mean, model.decode(mean)
   mean, image = jax.eval_shape(roundtrip, jax.ShapeDtypeStruct((1, 256, 256, 3), np.float32))
   assert mean.shape == (1, 32, 32, 4) and image.shape == (1, 256, 256, 3)
+
+
+def test_online_encoding_in_training_loop(tmp_path, saved_tiny):
+  """Image-folder data + config.vae.path: main's loop trains on VAE latents (x scaling factor)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from ppflow_jax import loop  # pylint: disable=g-import-not-at-top
+  _, directory = saved_tiny
+  rng = np.random.default_rng(0)
+  for c in ('a', 'b'):
+    os.makedirs(tmp_path / 'images' / c)
+    for i in range(4):
+      Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+          tmp_path / 'images' / c / f'{i}.png')
+  config = tiny_config(2, hw=16, channels=4)
+  config.data.update(source='image_folder', path=str(tmp_path / 'images'), image_size=32)
+  config.vae.path = directory
+  config.train.update(steps=2, log_every=1)
+  config.checkpoint.async_save = False
+  assert loop.needs_online_encoding(config)
+  trainer, state = loop.train_and_evaluate(config, str(tmp_path / 'wd'))
+  assert int(state.step) == 2
+  encoder = loop.OnlineEncoder(config, trainer)
+  images = rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)
+  batch = encoder(loop.global_batch({'x': images, 'y': np.zeros(8, np.int32)}, trainer), 0)
+  mean, _ = vae.load_diffusers_vae(directory).encode(images)
+  assert batch['x'].shape == (8, 16, 16, 4)
+  # A posterior sample times the scaling factor: centred on the scaled mean.
+  np.testing.assert_allclose(np.mean(batch['x'] / config.vae.scaling_factor - mean), 0, atol=0.1)

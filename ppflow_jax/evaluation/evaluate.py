@@ -1,0 +1,80 @@
+"""Command-line ADM-style evaluation of a sample batch against a reference batch: FID, sFID,
+Inception Score, improved precision and recall, without TensorFlow.
+
+  python -m ppflow_jax.evaluation.evaluate --samples=SAMPLES.npz \
+      --reference=VIRTUAL_imagenet256_labeled.npz \
+      --inception_weights=pt_inception-2015-12-05-6726825d.pth --out=metrics.json
+
+As ADM's `evaluator.py`: FID / sFID of the samples' pool_3 / spatial statistics against the
+reference `mu, sigma` / `mu_s, sigma_s`; IS over chunks of 5000 samples; precision / recall with
+k = 3 between the pool_3 features of the reference images (`arr_0`) and of the samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags, logging
+
+from ppflow_jax.evaluation import inception, metrics
+
+_SAMPLES = flags.DEFINE_string('samples', None, 'ADM sample batch .npz (uint8 NHWC arr_0).')
+_REFERENCE = flags.DEFINE_string(
+    'reference', None, 'ADM reference batch .npz (mu, sigma, mu_s, sigma_s, arr_0).')
+_WEIGHTS = flags.DEFINE_string(
+    'inception_weights', None,
+    "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or a .safetensors copy).")
+_OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the metrics.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 100, 'Images per Inception forward pass.')
+_PREPROCESS = flags.DEFINE_enum(
+    'preprocess', 'pytorch_fid', list(inception.PREPROCESS_MODES),
+    "Resize + scaling before Inception: pytorch-fid's, or an emulation of the TF graph's ('tf1').")
+_IS_SPLIT_SIZE = flags.DEFINE_integer('is_split_size', 5000, 'Samples per IS split (ADM: 5000).')
+
+
+def evaluate(samples_path: str, reference_path: str, weights_path: str, batch_size: int = 100,
+             preprocess: str = 'pytorch_fid', is_split_size: int = 5000) -> dict:
+  """Returns {fid, sfid, inception_score, precision, recall, num_samples, ...} (floats, ints)."""
+  ref = metrics.load_reference_batch(reference_path)
+  model = inception.load_pytorch_fid_weights(weights_path, preprocess_mode=preprocess)
+  logging.info('Inception features of %s ...', samples_path)
+  feats = inception.extract_features(model, metrics.iter_images(samples_path, batch_size),
+                                     batch_size)
+  mu, sigma = metrics.feature_stats(feats['pool'])
+  mu_s, sigma_s = metrics.feature_stats(feats['spatial'])
+  if ref.mu.shape != mu.shape or ref.mu_s.shape != mu_s.shape:
+    raise ValueError(f'{reference_path}: mu {ref.mu.shape} / mu_s {ref.mu_s.shape} do not match '
+                     f'the Inception pool_3 {mu.shape} / spatial {mu_s.shape} features')
+  result = dict(
+      fid=metrics.fid(mu, sigma, ref.mu, ref.sigma),
+      sfid=metrics.fid(mu_s, sigma_s, ref.mu_s, ref.sigma_s),
+      inception_score=metrics.inception_score(feats['logits'], split_size=is_split_size),
+      precision=None, recall=None,
+      num_samples=len(feats['pool']), num_reference_images=ref.num_images,
+      preprocess=preprocess, inception_weights=os.path.basename(weights_path))
+  if ref.num_images:
+    logging.info('Inception features of the %d reference images ...', ref.num_images)
+    ref_pool = inception.extract_features(model, ref.iter_images(batch_size), batch_size)['pool']
+    result['precision'], result['recall'] = metrics.precision_recall(ref_pool, feats['pool'], k=3)
+  else:
+    logging.warning('%s has no images (arr_0): precision/recall not computed.', reference_path)
+  return result
+
+
+def main(argv):
+  del argv
+  for flag in (_SAMPLES, _REFERENCE, _WEIGHTS):
+    if not flag.value:
+      raise app.UsageError(f'--{flag.name} is required')
+  result = evaluate(_SAMPLES.value, _REFERENCE.value, _WEIGHTS.value, _BATCH_SIZE.value,
+                    _PREPROCESS.value, _IS_SPLIT_SIZE.value)
+  text = json.dumps(result, indent=2)
+  print(text)
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      f.write(text + '\n')
+
+
+if __name__ == '__main__':
+  app.run(main)
