@@ -204,7 +204,8 @@ class Sampler:
         return x + dt * v
       return self._sde_step(x, v, t, dt, arrays['noise'][k], arrays['step'][k], keys)
 
-    x = jax.lax.fori_loop(0, segment.stop - segment.start, step, x)
+    if segment.stop > segment.start:  # a narrow stage may hold only a split Heun step
+      x = jax.lax.fori_loop(0, segment.stop - segment.start, step, x)
     out = dict(x=x, x_pred=x, v=jnp.zeros_like(x))
     if segment.begin_crossing:
       c = arrays['crossing']

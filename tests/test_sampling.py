@@ -63,7 +63,7 @@ def test_convergence_order_on_analytic_field(method, order):
   assert errors[-1] < (0.06 if order == 1 else 1e-3)
 
 
-@pytest.mark.parametrize('num_steps', [10, 20, 250])
+@pytest.mark.parametrize('num_steps', [5, 7, 10, 20, 250])
 @pytest.mark.parametrize('num_stages', [2, 3])
 def test_stage_split_heun_equals_single_program_heun(num_steps, num_stages):
   """Splitting Heun steps at stage boundaries must not change the integration."""

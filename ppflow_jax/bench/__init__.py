@@ -1,0 +1,1 @@
+"""Benchmarks: SiT vs PPF-2 vs PPF-3 sampling (`bench.sample`) and training (`bench.train`)."""

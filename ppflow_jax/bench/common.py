@@ -1,0 +1,140 @@
+"""What the sampling and training benchmarks share: the compared models, the flags that size
+them, device facts (peak FLOP/s, memory), robust timing statistics and the output writers.
+
+Every benchmark compares SiT (one stage, 2x2 patches) with PPF-2 and PPF-3 at the same size,
+latent, batch and precision, with freshly initialised weights: run time does not depend on the
+weight values (no data-dependent control flow; XLA does not skip zeros), so no checkpoint is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+
+import jax
+import ml_collections
+from absl import flags
+
+from ppflow_jax import config_lib
+
+# Dense bf16 peak FLOP/s per chip, matched in order against `device.device_kind` (the TPU v5e
+# and v6e report themselves as "TPU v5 lite" / "TPU v6 lite", the v5p as "TPU v5").
+PEAK_BF16_FLOPS = (
+    ('H100', 989e12), ('H200', 989e12), ('A100', 312e12),
+    ('TPU v4', 275e12), ('TPU v5 lite', 197e12), ('TPU v5e', 197e12), ('TPU v5p', 459e12),
+    ('TPU v5', 459e12), ('TPU v6 lite', 918e12), ('TPU v6e', 918e12),
+)
+
+# name -> (number of stages, CFG scales are set per run).
+MODELS = {'sit': 1, 'ppf2': 2, 'ppf3': 3}
+LABELS = {'sit': 'SiT', 'ppf2': 'PPF-2', 'ppf3': 'PPF-3'}
+
+# Overrides of --tiny: a model and latent small enough for CI on a 2-core CPU.
+TINY = dict(size='S', depth=2, hidden_size=64, num_heads=2, latent=16, channels=2, batch=4,
+            num_classes=10)
+
+
+def define_model_flags() -> None:
+  """The flags both benchmarks share (call once, before absl parses argv)."""
+  flags.DEFINE_enum('size', 'B', list(config_lib.MODEL_SIZES), 'SiT/PPF size preset.')
+  flags.DEFINE_integer('depth', 0, 'Override the preset depth (0 = preset).')
+  flags.DEFINE_integer('hidden_size', 0, 'Override the preset width (0 = preset).')
+  flags.DEFINE_integer('num_heads', 0, 'Override the preset heads (0 = preset).')
+  flags.DEFINE_integer('latent', 32, 'Latent height = width (32 = ImageNet 256, 64 = 512).')
+  flags.DEFINE_integer('channels', 4, 'Latent channels.')
+  flags.DEFINE_integer('num_classes', 1000, 'Label classes.')
+  flags.DEFINE_integer('batch', 16, 'Images per sampling call / training step.')
+  flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Compute dtype (params fp32).')
+  flags.DEFINE_string('attention', 'auto', 'config.model.attention (auto picks per backend).')
+  flags.DEFINE_list('models', list(MODELS), f'Which of {list(MODELS)} to run, in order.')
+  flags.DEFINE_integer('repeats', 5, 'Timed repeats after the warm-up (median and spread).')
+  flags.DEFINE_bool('tiny', False, f'CI-sized run: overrides {TINY} (and the step counts).')
+  flags.DEFINE_string('json', '', 'Write the results as JSON to this file.')
+  flags.DEFINE_bool('markdown', False, 'Print a Markdown table instead of plain text.')
+
+
+def model_options(f=None) -> dict:
+  """The model/latent/batch options from parsed flags, with --tiny applied."""
+  f = f or flags.FLAGS
+  opts = dict(size=f.size, depth=f.depth, hidden_size=f.hidden_size, num_heads=f.num_heads,
+              latent=f.latent, channels=f.channels, num_classes=f.num_classes, batch=f.batch,
+              dtype=f.dtype, attention=f.attention, models=list(f.models), repeats=f.repeats)
+  if f.tiny:
+    opts.update(TINY, repeats=min(f.repeats, 2))
+  unknown = [m for m in opts['models'] if m not in MODELS]
+  if unknown:
+    raise ValueError(f'--models={",".join(opts["models"])}: unknown {unknown}; choose from '
+                     f'{list(MODELS)}')
+  return opts
+
+
+def make_config(name: str, *, size: str, depth: int = 0, hidden_size: int = 0,
+                num_heads: int = 0, latent: int = 32, channels: int = 4, num_classes: int = 1000,
+                dtype: str = 'bfloat16', attention: str = 'auto', cfg_scale: float = 1.0,
+                **unused) -> ml_collections.ConfigDict:
+  """The resolved config of model `name` ('sit' | 'ppf2' | 'ppf3') with the paper's schedule
+  and one CFG scale for every stage (so CFG costs the same fraction in every model)."""
+  del unused
+  stages = MODELS[name]
+  c = config_lib.imagenet_config(size, stages, (cfg_scale,) * stages)
+  c.model.update(depth=depth, hidden_size=hidden_size, num_heads=num_heads,
+                 num_classes=num_classes, dtype=dtype, attention=attention)
+  c.latent.update(height=latent, width=latent, channels=channels)
+  return config_lib.resolve(c)
+
+
+def peak_bf16_flops(device_kind: str) -> float | None:
+  """Dense bf16 peak FLOP/s of one device of this kind (None when not in the table)."""
+  return next((p for k, p in PEAK_BF16_FLOPS if k.lower() in device_kind.lower()), None)
+
+
+def device_info() -> dict:
+  """Backend, device kind and count, the bf16 peak (None when unknown, e.g. CPU), versions."""
+  dev = jax.devices()[0]
+  peak = None if dev.platform == 'cpu' else peak_bf16_flops(dev.device_kind)
+  return dict(platform=dev.platform, device_kind=dev.device_kind, device_count=jax.device_count(),
+              peak_bf16_flops=peak, jax=jax.__version__, python=platform.python_version(),
+              cpu_count=_cpu_count())
+
+
+def _cpu_count() -> int | None:
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
+def peak_memory_bytes() -> int | None:
+  """Peak device memory since the process started (None where the backend has no stats)."""
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats else stats.get('peak_bytes_in_use')
+
+
+def spread(values: list[float]) -> dict:
+  """Median, min, max and interquartile range of timed repeats."""
+  v = sorted(values)
+  q = statistics.quantiles(v, n=4, method='inclusive') if len(v) > 1 else [v[0]] * 3
+  return dict(median=statistics.median(v), min=v[0], max=v[-1], q1=q[0], q3=q[2], n=len(v))
+
+
+def mfu(flops_per_second: float, device: dict) -> float | None:
+  """Achieved / bf16 dense peak of one device (None on CPU or unknown kinds)."""
+  peak = device['peak_bf16_flops']
+  return None if peak is None else flops_per_second / (peak * device['device_count'])
+
+
+def fmt(value, spec: str = '.3g') -> str:
+  return '-' if value is None else format(value, spec)
+
+
+def write_outputs(result: dict, headers: list[str], rows: list[list[str]], *, json_path: str,
+                  markdown: bool) -> str:
+  """Writes JSON (if asked) and returns the table as Markdown or aligned plain text."""
+  if json_path:
+    with open(json_path, 'w') as f:
+      json.dump(result, f, indent=2)
+  if markdown:
+    lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
+    lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
+    return '\n'.join(lines)
+  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+  return '\n'.join('  '.join(c.rjust(w) for c, w in zip(r, widths)) for r in [headers] + rows)

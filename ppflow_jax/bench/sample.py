@@ -1,0 +1,136 @@
+"""Sampling benchmark: SiT vs PPF-2 vs PPF-3 side by side in one process.
+
+Same size, batch, sampler, steps, CFG scale (one scale for every stage, so every evaluation runs
+a doubled CFG batch unless --cfg_scale=1) and precision for all models. Per model: images/s,
+ms per model evaluation (NFE, one forward of the whole CFG batch) per stage, the measured speedup
+over SiT next to its FLOPs bound (flops.py), achieved TFLOP/s and MFU, compile time (first call
+minus the steady median) and peak device memory. The warm-up call is excluded from the timed
+repeats; medians and spreads (min/max, IQR) are reported.
+
+  python -m ppflow_jax.bench.sample --size=B --batch=64 --steps=50 --dtype=bfloat16 \
+      --json=sample.json --markdown
+  python -m ppflow_jax.bench.sample --tiny      # CI-sized, any CPU
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from flax import nnx
+
+from ppflow_jax import flops
+from ppflow_jax import sampling
+from ppflow_jax import stages as stages_lib
+from ppflow_jax.bench import common
+from ppflow_jax.models import build_model
+
+
+def _segment_evals(seg: sampling.Segment, spec: sampling.SamplerSpec) -> int:
+  per_step = 2 if spec.method == 'heun' else 1
+  return per_step * (seg.stop - seg.start) + seg.finish_pending + seg.begin_crossing
+
+
+def bench_model(name: str, opts: dict, spec: sampling.SamplerSpec, seed: int = 0) -> dict:
+  """Times `opts['repeats']` sampling calls of model `name` after one warm-up call."""
+  config = common.make_config(name, **opts)
+  schedule = stages_lib.from_config(config)
+  graphdef, state = nnx.split(build_model(config, nnx.Rngs(seed)))
+  sampler = sampling.Sampler(graphdef, schedule, spec, config.model.num_classes)
+  b = opts['batch']
+  k_noise, k_label = jax.random.split(jax.random.key(seed))
+  noise = jax.random.normal(k_noise, (b, config.latent.height, config.latent.width,
+                                      config.latent.channels))
+  labels = jax.random.randint(k_label, (b,), 0, config.model.num_classes)
+  evals = [0] * len(schedule)
+  for seg in sampler.segments:
+    evals[seg.stage] += _segment_evals(seg, spec)
+
+  def run() -> tuple[float, list[float]]:
+    """One sampling call -> (seconds, seconds per stage), each segment timed to completion."""
+    per_stage = [0.0] * len(schedule)
+    last = start = time.perf_counter()
+
+    def on_segment(seg, x):
+      nonlocal last
+      jax.block_until_ready(x)
+      now = time.perf_counter()
+      per_stage[seg.stage] += now - last
+      last = now
+    jax.block_until_ready(sampler.sample(state, noise, labels, on_segment=on_segment))
+    return time.perf_counter() - start, per_stage
+
+  first, _ = run()
+  runs = [run() for _ in range(opts['repeats'])]
+  total = common.spread([r[0] for r in runs])
+  run_flops = flops.sampling_flops(config, spec)['flops_with_cfg'] * b
+  achieved = run_flops / total['median']
+  device = common.device_info()
+  stages = []
+  for s, st in enumerate(schedule.stages):
+    ms = (common.spread([1e3 * r[1][s] / evals[s] for r in runs]) if evals[s] else None)
+    stages.append(dict(stage=s, patch=list(st.patch), tokens=schedule.num_tokens(s),
+                       evaluations=evals[s], ms_per_nfe=ms))
+  return dict(model=name, label=common.LABELS[name], stages=stages, seconds=total,
+              images_per_second=b / total['median'], compile_seconds=first - total['median'],
+              flops=run_flops, achieved_tflops=achieved / 1e12, mfu=common.mfu(achieved, device),
+              peak_memory_bytes=common.peak_memory_bytes(), traces=sampler.trace_count,
+              testing_flops_ratio=flops.testing_flops_ratio(config, spec))
+
+
+def run_benchmark(opts: dict, spec: sampling.SamplerSpec) -> dict:
+  """All models of `opts['models']`; speedups are relative to the first model (SiT by default)."""
+  results = [bench_model(m, opts, spec) for m in opts['models']]
+  base = results[0]
+  for r in results:
+    r['speedup'] = base['seconds']['median'] / r['seconds']['median']
+    r['speedup_flops_bound'] = base['flops'] / r['flops']
+    r['speedup_vs_bound'] = r['speedup'] / r['speedup_flops_bound']
+  return dict(benchmark='sample', device=common.device_info(), options=opts,
+              sampler=dict(method=spec.method, num_steps=spec.num_steps), results=results)
+
+
+def table(result: dict) -> tuple[list[str], list[list[str]]]:
+  headers = ['model', 'images/s', 'spread (min-max s)', 'ms/NFE per stage', 'speedup',
+             'FLOPs bound', 'TFLOP/s', 'MFU', 'compile s', 'peak mem GiB']
+  rows = []
+  for r in result['results']:
+    per_stage = ' / '.join(
+        f"{'x'.join(map(str, s['patch']))}: {common.fmt(s['ms_per_nfe'] and s['ms_per_nfe']['median'])}"
+        for s in r['stages'])
+    mem = r['peak_memory_bytes']
+    rows.append([r['label'], f"{r['images_per_second']:.3g}",
+                 f"{r['seconds']['min']:.3g}-{r['seconds']['max']:.3g}", per_stage,
+                 f"{r['speedup']:.2f}x", f"{r['speedup_flops_bound']:.2f}x",
+                 f"{r['achieved_tflops']:.3g}", common.fmt(r['mfu'], '.1%'),
+                 f"{r['compile_seconds']:.3g}", common.fmt(mem and mem / 2**30, '.2f')])
+  return headers, rows
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  f = flags.FLAGS
+  opts = common.model_options(f)
+  opts['cfg_scale'] = f.cfg_scale
+  steps = 8 if f.tiny else f.steps
+  if steps < 1:
+    raise app.UsageError(f'--steps={steps} must be >= 1')
+  spec = sampling.SamplerSpec(method=f.method, num_steps=steps + 1)
+  result = run_benchmark(opts, spec)
+  headers, rows = table(result)
+  dev = result['device']
+  print(f"{dev['device_kind']} x{dev['device_count']}, jax {dev['jax']}: batch {opts['batch']}, "
+        f"{f.method} {steps} steps, {opts['dtype']}, cfg {opts['cfg_scale']}, "
+        f"{opts['repeats']} repeats")
+  print(common.write_outputs(result, headers, rows, json_path=f.json, markdown=f.markdown))
+
+
+if __name__ == '__main__':
+  common.define_model_flags()
+  flags.DEFINE_integer('steps', 50, 'Integration steps (grid points = steps + 1).')
+  flags.DEFINE_enum('method', 'heun', ['euler', 'heun', 'sde'], 'Sampler.')
+  flags.DEFINE_float('cfg_scale', 1.5, 'CFG scale of every stage of every model (1 = no CFG).')
+  app.run(main)

@@ -1,0 +1,86 @@
+"""bench/: tiny SiT vs PPF sampling and training benchmarks run end to end on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+from conftest import ROOT
+from ppflow_jax import flops
+from ppflow_jax import sampling
+from ppflow_jax import stages as stages_lib
+from ppflow_jax.bench import common
+from ppflow_jax.bench import sample as bench_sample
+from ppflow_jax.bench import train as bench_train
+
+OPTS = dict(common.TINY, depth=1, hidden_size=32, dtype='float32', attention='auto', repeats=1,
+            cfg_scale=1.5)
+
+
+def test_peak_table_and_spread():
+  assert common.peak_bf16_flops('NVIDIA H100 80GB HBM3') == 989e12
+  assert common.peak_bf16_flops('NVIDIA A100-SXM4-40GB') == 312e12
+  assert common.peak_bf16_flops('TPU v5 lite') == 197e12  # v5e reports itself as "v5 lite"
+  assert common.peak_bf16_flops('TPU v5') == 459e12
+  assert common.peak_bf16_flops('TPU v6 lite') == 918e12
+  assert common.peak_bf16_flops('cpu') is None
+  assert common.mfu(1e12, dict(peak_bf16_flops=None, device_count=1)) is None
+  assert common.mfu(494.5e12, dict(peak_bf16_flops=989e12, device_count=1)) == 0.5
+  s = common.spread([4.0, 1.0, 3.0, 2.0, 10.0])
+  assert (s['median'], s['min'], s['max'], s['q1'], s['q3']) == (3.0, 1.0, 10.0, 2.0, 4.0)
+  with pytest.raises(ValueError, match='unknown'):
+    common.model_options(types.SimpleNamespace(**OPTS, models=['dit'], tiny=False))
+
+
+def test_sample_benchmark_tiny():
+  spec = sampling.SamplerSpec(method='heun', num_steps=9)  # 8 steps: every stage gets a full step
+  result = bench_sample.run_benchmark(dict(OPTS, models=['sit', 'ppf3']), spec)
+  sit, ppf3 = result['results']
+  for r in result['results']:
+    config = common.make_config(r['model'], **OPTS)
+    expected = sampling.num_evaluations(stages_lib.from_config(config), spec)
+    assert [s['evaluations'] for s in r['stages']] == expected and sum(expected) == 16
+    assert r['traces'] == len(expected)  # one compiled program per stage
+    assert r['images_per_second'] > 0 and r['compile_seconds'] > 0
+    assert all(s['ms_per_nfe']['median'] > 0 for s in r['stages'])
+    # Every stage is guided at the same scale, so the bound is the paper-style ratio.
+    assert r['speedup_flops_bound'] == pytest.approx(1 / flops.testing_flops_ratio(config, spec))
+  assert sit['speedup'] == 1.0 and ppf3['speedup_flops_bound'] > 1.8
+  headers, rows = bench_sample.table(result)
+  md = common.write_outputs(result, headers, rows, json_path='', markdown=True)
+  assert md.count('\n') == 3 and '| PPF-3 |' in md and '4x4:' in md
+
+
+def test_train_benchmark_tiny():
+  result = bench_train.run_benchmark(dict(OPTS, models=['sit', 'ppf2']), steps=1,
+                                     packings=(True,))
+  sit, ppf2 = result['results']
+  assert (sit['packing'], ppf2['packing']) == (None, True)
+  assert ppf2['bucket_sizes'] == [2, 2]
+  assert (sit['tokens_per_step'], ppf2['tokens_per_step']) == (4 * 64, 2 * 16 + 2 * 64)
+  config = common.make_config('ppf2', **OPTS)
+  assert ppf2['speedup_flops_bound'] == pytest.approx(
+      1 / flops.training_flops(config, batch_size=4)['ratio'])
+  assert ppf2['speedup_packed_dense_bound'] < ppf2['speedup_flops_bound']
+  assert ppf2['images_per_second'] > 0 and ppf2['mfu'] is None  # CPU: no MFU
+  headers, rows = bench_train.table(result)
+  assert len(rows) == 2 and rows[0][1] == 'n/a' and rows[1][1] == 'yes'
+
+
+@pytest.mark.slow
+def test_sample_cli_writes_json(tmp_path):
+  out = tmp_path / 'sample.json'
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'ppflow_jax.bench.sample', '--tiny', '--models=sit',
+       '--dtype=float32', '--repeats=1', f'--json={out}', '--markdown'],
+      cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+  assert '| SiT |' in proc.stdout
+  result = json.loads(out.read_text())
+  assert result['benchmark'] == 'sample' and result['device']['platform'] == 'cpu'
+  assert result['sampler'] == dict(method='heun', num_steps=9)
