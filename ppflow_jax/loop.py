@@ -32,6 +32,10 @@ class NonFiniteLossError(FloatingPointError):
 
 def global_batch(local: dict, trainer: Trainer) -> dict:
   """This process's rows -> global arrays sharded over (data, fsdp)."""
+  num_classes = trainer.config.model.num_classes
+  if local['y'].size and not 0 <= local['y'].min() <= local['y'].max() < num_classes:
+    raise ValueError(f'labels in [{local["y"].min()}, {local["y"].max()}] do not fit '
+                     f'config.model.num_classes={num_classes} (id {num_classes} is the null class)')
   return {k: jax.make_array_from_process_local_data(trainer.batch_sharding[k], np.asarray(v))
           for k, v in local.items()}
 
