@@ -62,6 +62,25 @@ def _fit(spec: tuple, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
   return P(*fitted)
 
 
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+  """Activation sharding hint by logical axis names under the ambient mesh (`jax.set_mesh`).
+
+  A no-op without a mesh, or where a mesh axis is missing, manual, or does not divide its
+  dimension (a partial constraint would force replication there instead).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  spec = _mesh_axes(logical_axes)
+  names = {n for axes in spec if axes for n in ((axes,) if isinstance(axes, str) else axes)}
+  if not names <= set(mesh.axis_names) - set(mesh.manual_axes):
+    return x
+  fitted = _fit(spec, x.shape, mesh)
+  if tuple(fitted) != spec + (None,) * (x.ndim - len(spec)):
+    return x
+  return jax.lax.with_sharding_constraint(x, fitted)
+
+
 def param_shardings(mesh: jax.sharding.Mesh, abstract_state: nnx.State):
   """NamedShardings for an (abstract) model state from its logical axis metadata."""
   def one(var):
@@ -79,6 +98,11 @@ def opt_state_shardings(tx, abstract_opt_state, params_sharding, mesh: jax.shard
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
   """Leading (batch) axis over data x fsdp, the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+  """How many ways the batch axis is split (data x fsdp)."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -60,6 +60,11 @@ class Trainer:
     self.config = config
     self.mesh = mesh
     self.schedule = stages_lib.from_config(config)
+    self.batch_shards = sharding.batch_shards(mesh)
+    if config.train.batch_size % self.batch_shards:
+      raise ValueError(f'config.train.batch_size={config.train.batch_size} is not divisible by '
+                       f'the {self.batch_shards} batch shards of the mesh {dict(mesh.shape)} '
+                       "(data x fsdp); change the batch size or config.mesh")
     self.bucket_sizes = self.schedule.bucket_sizes(config.train.batch_size)
     self.tx = make_optimizer(config)
     abstract = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
@@ -116,7 +121,9 @@ class Trainer:
                            cfg.train.lumina_shift)
     x0s, x1s, ys = (list(z) for z in zip(*bucket((x0, x1, y), self.bucket_sizes)))
     xts = [flow.interpolate(a, b, t) for a, b, t in zip(x0s, x1s, ts)]
-    preds = packing.bucketed_forward(model, xts, ts, ys, cfg.train.packing)
+    # Whole packed rows per batch shard (PackPlan.row_multiple): the kernels run per shard.
+    preds = packing.bucketed_forward(model, xts, ts, ys, cfg.train.packing,
+                                     row_multiple=self.batch_shards)
     per_stage = [flow.per_sample_mse(p, flow.velocity_target(a, b))
                  for p, a, b in zip(preds, x0s, x1s)]
     loss = jnp.concatenate(per_stage).mean()

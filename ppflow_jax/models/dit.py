@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ppflow_jax import sharding
 from ppflow_jax.ops import attention as attention_ops
 
 LN_EPS = 1e-6
@@ -158,6 +159,7 @@ class DiTBlock(nnx.Module):
 
   def __call__(self, x: jax.Array, c: jax.Array, layout: TokenLayout | None) -> jax.Array:
     """x: (B, L, d) tokens; c: (S, d) per-sample conditioning -> (B, L, d)."""
+    x = sharding.constrain(x, ('batch', None, None))  # rows stay data-parallel through packing
     mod = per_token(self.adaLN_modulation(nnx.silu(c)), layout)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     segment_ids = None if layout is None else layout.segment_ids
