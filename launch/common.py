@@ -22,7 +22,14 @@ MODES = ('train', 'sample', 'sample_fid')
 # Flags of `ppflow_jax.main` the launchers set themselves: users give them to the launcher instead.
 _LAUNCHER_FLAGS = ('--config', '--workdir', '--mode', '--coordinator_address', '--num_processes',
                    '--process_id')
-_GCS_BUCKET = re.compile(r'^gs://[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9](/.*)?$')
+# Cloud Storage bucket names: 3-63 characters (up to 222 with dots, 63 per dot-separated part).
+_BUCKET = re.compile(r'^[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9]$')
+_MOUNT_ROOT = '/gcs'  # where the docs and `tpu_vm.py setup --gcs_bucket` mount buckets.
+# gcsfuse options for a workdir bucket: show directories that exist only as object prefixes, and
+# allow directory renames, which orbax uses to finalize every checkpoint (gcsfuse refuses them on
+# flat-namespace buckets by default; there they become copies, hierarchical-namespace buckets
+# rename natively).
+GCSFUSE_FLAGS = '--implicit-dirs --rename-dir-limit=100000'
 _ENV_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
 
 
@@ -56,7 +63,8 @@ def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def check_main_args(args: Sequence[str]) -> list[str]:
-  """Checks the flags forwarded to `ppflow_jax.main` (e.g. `--config.train.steps=100`)."""
+  """Checks the flags forwarded to `ppflow_jax.main` (e.g. `--config.train.steps=100`); gs://
+  values (e.g. `--config.data.path=gs://...`) are refused, as main only opens file system paths."""
   for arg in args:
     if not arg.startswith('--'):
       raise LaunchError(f'{arg!r} after `--` is not a flag; everything after `--` goes to '
@@ -65,6 +73,9 @@ def check_main_args(args: Sequence[str]) -> list[str]:
     if name in _LAUNCHER_FLAGS:
       raise LaunchError(f'{name} after `--` is set by the launcher itself; use the launcher '
                         'option of that name before `--` (see --help)')
+    value = arg.partition('=')[2]
+    if is_gcs(value):
+      raise _no_gcs(name, value)
   return list(args)
 
 
@@ -101,21 +112,46 @@ def is_gcs(path: str) -> bool:
   return path.startswith('gs://')
 
 
-def check_workdir(workdir: str, shared_required: bool, why: str = '') -> str:
-  """Checks `workdir`; where several hosts write checkpoints it must be on GCS (gs://bucket/dir)."""
+def check_bucket(name: str) -> str:
+  """Checks a Cloud Storage bucket name (`my-bucket`, without gs://)."""
+  parts = name.split('.')
+  if (not _BUCKET.match(name) or any(not 0 < len(p) <= 63 for p in parts)
+      or (len(parts) == 1 and len(name) > 63) or name.startswith('goog')):
+    raise LaunchError(f'bucket name {name!r} is not valid: 3-63 lower case letters, digits, - and _ '
+                      '(dots allowed), starting and ending with a letter or digit, not starting '
+                      'with "goog"; give the name only, e.g. my-bucket, not gs://my-bucket')
+  return name
+
+
+def _no_gcs(what: str, url: str) -> LaunchError:
+  """The error for a gs:// URL given where ppflow_jax needs a file system path."""
+  bucket, _, rest = url[len('gs://'):].partition('/')
+  bucket = bucket or 'my-bucket'
+  mounted = f'{_MOUNT_ROOT}/{bucket}' + (f'/{rest}' if rest else '')
+  return LaunchError(
+      f'{what}={url!r}: ppflow_jax reads and writes through the file system (the training loop '
+      'appends metrics.jsonl with open(), the checkpointer and latent loader use os paths), so '
+      f'gs:// URLs do not work. Mount the bucket with gcsfuse at the same path on every host '
+      f'(`gcsfuse {GCSFUSE_FLAGS} {bucket} {_MOUNT_ROOT}/{bucket}`; on TPU VMs `tpu_vm.py setup '
+      f'--gcs_bucket={bucket}` does it) and pass {what}={mounted}')
+
+
+def check_workdir(workdir: str, multi_host: bool, why: str = '') -> str:
+  """Checks `workdir`: a file system path; where several hosts write checkpoints, an absolute path
+  on a file system they all share (a gcsfuse-mounted bucket, Filestore/NFS)."""
   if not workdir:
-    raise LaunchError('--workdir is required (a gs://bucket/dir path on multi-host runs)')
+    raise LaunchError('--workdir is required (on multi-host runs an absolute path on a shared file '
+                      f'system, e.g. {_MOUNT_ROOT}/my-bucket/ppflow/RUN_NAME)')
   if is_gcs(workdir):
-    if not _GCS_BUCKET.match(workdir):
-      raise LaunchError(f'--workdir={workdir!r} is not a valid gs://BUCKET/PATH (bucket names are '
-                        'lower case letters, digits, -, _ and .)')
-    return workdir
+    raise _no_gcs('--workdir', workdir)
   if '://' in workdir:
-    raise LaunchError(f'--workdir={workdir!r}: only gs:// and file system paths are supported')
-  if shared_required:
-    raise LaunchError(f'--workdir={workdir!r} is a local path, but {why}: every host must read '
-                      'and write the same checkpoints, so use a GCS path such as '
-                      'gs://my-bucket/ppflow/RUN_NAME')
+    raise LaunchError(f'--workdir={workdir!r}: expected a file system path (URLs are not '
+                      'supported; mount remote storage and pass its mounted path)')
+  if multi_host and not workdir.startswith('/'):
+    raise LaunchError(f'--workdir={workdir!r} is a relative path, but {why}: every host must read '
+                      'and write the same checkpoints, so use an absolute path on a file system '
+                      f'shared by all hosts, e.g. {_MOUNT_ROOT}/my-bucket/ppflow/RUN_NAME (a bucket '
+                      'mounted with gcsfuse on every host) or a Filestore/NFS mount')
   return workdir
 
 

@@ -4,7 +4,7 @@ host, on several hosts over ssh, or under SLURM (docs/launch.md walks through it
   # one host, all its GPUs
   python launch/gpu.py --config=configs/ppf_xl_2.py --workdir=/ckpt/ppf_xl_2
   # several hosts over ssh: process i on the i-th host, coordinator on the first
-  python launch/gpu.py --hosts=gpu0,gpu1 --config=configs/ppf_xl_2.py --workdir=gs://my-bucket/ppf
+  python launch/gpu.py --hosts=gpu0,gpu1 --config=configs/ppf_xl_2.py --workdir=/nfs/ckpt/ppf
   # under SLURM (inside sbatch/salloc): one task per node
   python launch/gpu.py --slurm --num_processes=4 --config=... --workdir=/shared/ppf
   # any other way: print the N per-node commands, or run only --process_id=i here
@@ -106,11 +106,8 @@ def build(args: argparse.Namespace, main_args: list[str]) -> tuple[list[Command]
                       'commands: add --dry_run, or --process_id=i to start process i here')
   remote = n > 1 or bool(hosts)
   config = common.resolve_config(args.config, remote=remote)
-  workdir = common.check_workdir(args.workdir, shared_required=False)
-  if n > 1 and not (common.is_gcs(workdir) or workdir.startswith('/')):
-    raise LaunchError(f'--workdir={workdir!r} is relative, but {n} hosts must share the '
-                      'checkpoints: use gs://BUCKET/DIR or an absolute path on a shared file '
-                      'system')
+  workdir = common.check_workdir(args.workdir, multi_host=n > 1,
+                                 why=f'{n} processes on {n} hosts share it')
   env = _environment(args)
   # ssh and srun commands start a login shell's python3; the others start where gpu.py runs.
   python = args.python or ('python3' if hosts or args.slurm else sys.executable)
@@ -120,7 +117,8 @@ def build(args: argparse.Namespace, main_args: list[str]) -> tuple[list[Command]
   for name, value in env.items():
     common.say(f'{name}={value}')
   if n > 1:
-    common.say(f'workdir {workdir} must be readable and writable by all {n} hosts')
+    common.say(f'workdir {workdir} must be one shared file system (NFS, Filestore, a gcsfuse '
+               f'mount), readable and writable at that path by all {n} hosts')
 
   if args.slurm:
     common.say(f'srun: {n} node(s), one task each; coordinator = first node of the allocation, '
@@ -158,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--config', required=True, help='config file, e.g. configs/ppf_xl_2.py[:arg]')
   p.add_argument('--workdir', required=True,
-                 help='checkpoints and samples; gs:// or a shared absolute path for several hosts')
+                 help='checkpoints and samples (a file system path; for several hosts an '
+                 'absolute path on a shared file system: NFS, Filestore, a gcsfuse mount)')
   p.add_argument('--mode', default='train', choices=common.MODES)
   p.add_argument('--python', default='',
                  help='interpreter (default: this one locally, python3 on other hosts)')

@@ -3,13 +3,16 @@
 
   python launch/tpu_vm.py create --name=ppf --zone=us-east5-a --accelerator_type=v5p-64 [--spot]
   python launch/tpu_vm.py setup  --name=ppf --zone=us-east5-a [--repo_url=https://...]
+      [--gcs_bucket=my-bucket]
   python launch/tpu_vm.py run    --name=ppf --zone=us-east5-a --accelerator_type=v5p-64
-      --config=configs/ppf_xl_2.py --workdir=gs://my-bucket/ppf_xl_2 -- --config.train.steps=1000
+      --config=configs/ppf_xl_2.py --workdir=/gcs/my-bucket/ppf_xl_2 -- --config.train.steps=1000
   python launch/tpu_vm.py delete --name=ppf --zone=us-east5-a
 
 Every subcommand checks its inputs, says what it will do and prints the exact gcloud commands;
 `--dry_run` stops there (no gcloud needed). On a multi-host slice every worker runs the same program
 and `ppflow_jax.main` calls `jax.distributed.initialize()`, which finds the other workers itself.
+main writes through the file system, so a multi-host workdir is a shared mount such as the bucket
+that `setup --gcs_bucket` mounts with gcsfuse on every worker (gs:// URLs are refused).
 """
 
 from __future__ import annotations
@@ -41,6 +44,15 @@ _VENV_PYTHON = '.venv/bin/python'   # inside _REPO_DIR (created by `setup`).
 _BUNDLE = 'ppflow_jax_bundle.tgz'
 _BUNDLED = ('ppflow_jax', 'configs', 'third_party', 'requirements.txt')
 _LOG = 'ppflow_run.log'
+# Cloud Storage FUSE from Google's apt repository (the commands of its install guide); the
+# signed-by keyring keeps that key limited to this one repository.
+_GCSFUSE_INSTALL = (
+    'echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc] '
+    'https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main" | '
+    'sudo tee /etc/apt/sources.list.d/gcsfuse.list > /dev/null && '
+    'curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | '
+    'sudo tee /usr/share/keyrings/cloud.google.asc > /dev/null && '
+    'sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse')
 
 
 def num_workers(accelerator_type: str) -> int:
@@ -148,22 +160,46 @@ def setup(args: argparse.Namespace) -> list[Command]:
              f'rm {_BUNDLE}')
   common.say(f'install requirements.txt and {_jax_pin()} into ~/{_REPO_DIR}/.venv with {py} '
              'on every worker')
-  return commands + [_ssh_all(args, f'{fetch} && {install}')]
+  return commands + [_ssh_all(args, f'{fetch} && {install}')] + _mount(args)
+
+
+def _mount(args: argparse.Namespace) -> list[Command]:
+  """Installs gcsfuse and mounts `--gcs_bucket` at `--mount_point` on every worker (if given)."""
+  if not args.gcs_bucket:
+    if args.mount_point:
+      raise LaunchError('--mount_point is where --gcs_bucket is mounted; give --gcs_bucket too')
+    return []
+  bucket = common.check_bucket(args.gcs_bucket)
+  mount = args.mount_point or f'/gcs/{bucket}'
+  if not re.fullmatch(r'(/[A-Za-z0-9_.-]+)+', mount) or '/../' in f'{mount}/':
+    raise LaunchError(f'--mount_point={mount!r}: expected an absolute directory path such as '
+                      f'/gcs/{bucket} (letters, digits, _ . - only)')
+  common.say(f'install gcsfuse (if missing) and mount gs://{bucket} at {mount} on every worker; '
+             f'then pass paths under it, e.g. --workdir={mount}/ppflow/RUN_NAME')
+  # Mounted as the login user (who runs main), so it can write; rerun after a VM restart.
+  script = (f'if ! command -v gcsfuse > /dev/null; then {_GCSFUSE_INSTALL}; fi && '
+            f'if ! mountpoint -q {mount}; then sudo mkdir -p {mount} && '
+            f'sudo chown "$(id -u):$(id -g)" {mount} && '
+            f'gcsfuse {common.GCSFUSE_FLAGS} {bucket} {mount}; fi')
+  return [_ssh_all(args, script)]
 
 
 def run(args: argparse.Namespace, main_args: list[str]) -> list[Command]:
   workers = num_workers(args.accelerator_type)
   config = common.resolve_config(args.config, remote=True)
   workdir = common.check_workdir(
-      args.workdir, shared_required=workers > 1,
+      args.workdir, multi_host=workers > 1,
       why=f'{args.accelerator_type} has {workers} worker VMs')
   env = common.parse_env(args.env)
   argv = [*common.env_argv(env),
           *common.main_argv(_VENV_PYTHON, config, workdir, args.mode, main_args)]
   data_paths = [a.split('=', 1)[1] for a in main_args if a.startswith('--config.data.path=')]
-  if workers > 1 and any(p and not common.is_gcs(p) for p in data_paths):
-    common.say('note: --config.data.path is local, so every worker needs its own copy there '
-               '(or use a gs:// path)')
+  if workers > 1:
+    common.say(f'workdir {workdir} must be the same shared file system on every worker (e.g. the '
+               'bucket mounted by `setup --gcs_bucket`)')
+    for path in filter(None, data_paths):
+      common.say(f'every worker reads --config.data.path={path}: it must be on the shared mount '
+                 'or copied to that path on each worker')
   common.say(f'run ppflow_jax.main --mode={args.mode} on all {workers} worker(s) of '
              f'{args.name!r}, checkpoints in {workdir}')
   if args.mode == 'train':
@@ -216,13 +252,18 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument('--branch', default='', help='branch or tag for --repo_url')
   s.add_argument('--python', default='python3.11', help='interpreter that creates the venv '
                  '(installed with apt if missing)')
+  s.add_argument('--gcs_bucket', default='', metavar='NAME', help='install gcsfuse and mount '
+                 'this Cloud Storage bucket on every worker (for --workdir and latents)')
+  s.add_argument('--mount_point', default='', help='where to mount --gcs_bucket (default: '
+                 '/gcs/NAME)')
 
   s = add('run', 'run ppflow_jax.main on every worker')
   s.add_argument('--accelerator_type', required=True,
                  help='the slice type (tells how many workers share the workdir)')
   s.add_argument('--config', required=True,
                  help='config file in this repo, e.g. configs/ppf_xl_2.py[:arg]')
-  s.add_argument('--workdir', required=True, help='checkpoints and samples; gs://... on multi-host')
+  s.add_argument('--workdir', required=True, help='checkpoints and samples; on multi-host an absolute path on a shared mount, '
+                 'e.g. /gcs/my-bucket/RUN (gs:// URLs are refused)')
   s.add_argument('--mode', default='train', choices=common.MODES)
   s.add_argument('--env', action='append', default=[], metavar='NAME=VALUE',
                  help='environment variable for main (repeatable)')

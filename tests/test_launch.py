@@ -18,7 +18,7 @@ import sys
 import pytest
 
 _SRC = pathlib.Path(__file__).resolve().parent.parent
-_GCS = 'gs://ppf-bucket/runs/xl2'
+_SHARED = '/gcs/ppf-bucket/runs/xl2'  # the bucket as `setup --gcs_bucket` mounts it.
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def records(log: pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in log.read_text().splitlines()]
 
 
-def tpu_run(*extra: str, accelerator: str = 'v5p-64', workdir: str = _GCS,
+def tpu_run(*extra: str, accelerator: str = 'v5p-64', workdir: str = _SHARED,
             config: str = 'configs/tiny.py') -> list[str]:
   return ['run', '--name=ppf', '--zone=us-east5-a', f'--accelerator_type={accelerator}',
           f'--config={config}', f'--workdir={workdir}', *extra]
@@ -121,6 +121,33 @@ def test_tpu_setup_copies_checkout_and_installs_pinned_jax(repo):
   assert '"jax[tpu]==9.8.7"' in remote  # the pin of requirements.txt
 
 
+def test_tpu_setup_mounts_bucket_on_every_worker(repo):
+  rc, cmds, out, _ = launch(repo, 'tpu_vm.py', 'setup', '--name=ppf', '--zone=us-east5-a',
+                            '--gcs_bucket=ppf-bucket', '--dry_run')
+  assert rc == 0 and len(cmds) == 4  # tar, scp, install, mount.
+  mount = cmds[3]
+  assert mount[4:6] == ['ssh', 'ppf'] and '--worker=all' in mount
+  remote = next(a for a in mount if a.startswith('--command='))[len('--command='):]
+  # gcsfuse comes from Google's apt repository, only where it is missing.
+  assert remote.startswith('if ! command -v gcsfuse > /dev/null; then ')
+  assert ('https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main' in remote
+          and 'sudo tee /etc/apt/sources.list.d/gcsfuse.list' in remote)
+  assert 'sudo apt-get install -y -qq gcsfuse; fi' in remote
+  # Mounted once, by the login user, with directories that exist only as object prefixes, and
+  # directory renames allowed (orbax renames each finished checkpoint).
+  assert remote.endswith('if ! mountpoint -q /gcs/ppf-bucket; then sudo mkdir -p /gcs/ppf-bucket '
+                         '&& sudo chown "$(id -u):$(id -g)" /gcs/ppf-bucket && '
+                         'gcsfuse --implicit-dirs --rename-dir-limit=100000 ppf-bucket '
+                         '/gcs/ppf-bucket; fi')
+  assert 'mount gs://ppf-bucket at /gcs/ppf-bucket on every worker' in out
+  _, cmds, _, _ = launch(repo, 'tpu_vm.py', 'setup', '--name=ppf', '--zone=us-east5-a',
+                         '--gcs_bucket=ppf-bucket', '--mount_point=/mnt/b', '--dry_run')
+  assert cmds[3][-1].endswith(' ppf-bucket /mnt/b; fi')
+  _, cmds, _, _ = launch(repo, 'tpu_vm.py', 'setup', '--name=ppf', '--zone=us-east5-a',
+                         '--dry_run')
+  assert len(cmds) == 3 and 'gcsfuse' not in ' '.join(cmds[2])
+
+
 def test_tpu_setup_from_git(repo):
   rc, cmds, _, _ = launch(repo, 'tpu_vm.py', 'setup', '--name=ppf', '--zone=us-east5-a',
                           '--repo_url=https://github.com/me/ppflow_jax', '--branch=v1',
@@ -142,7 +169,7 @@ def test_tpu_run_on_every_worker(repo):
   assert ssh[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'ppf']
   assert '--worker=all' in ssh and '--zone=us-east5-a' in ssh
   assert remote_main(ssh) == ['env', 'A=1', '.venv/bin/python', '-m', 'ppflow_jax.main',
-                              '--config=configs/tiny.py', f'--workdir={_GCS}', '--mode=sample',
+                              '--config=configs/tiny.py', f'--workdir={_SHARED}', '--mode=sample',
                               '--config.train.steps=7']
   assert 'all 8 worker(s)' in out and 'dry run' in out
 
@@ -161,8 +188,22 @@ def test_tpu_run_config_given_from_elsewhere_is_made_repo_relative(repo):
 
 
 @pytest.mark.parametrize('args,message', [
-    (tpu_run('--dry_run', workdir='/tmp/ckpt'), 'local path, but v5p-64 has 8 worker VMs'),
-    (tpu_run('--dry_run', workdir='gs://'), 'not a valid gs://BUCKET/PATH'),
+    (tpu_run('--dry_run', workdir='ckpt'), 'is a relative path, but v5p-64 has 8 worker VMs'),
+    (tpu_run('--dry_run', workdir='gs://'), 'gs:// URLs do not work'),
+    (tpu_run('--dry_run', accelerator='v4-8', workdir='gs://b/x'), 'gs:// URLs do not work'),
+    (tpu_run('--dry_run', workdir='s3://b/x'), 'expected a file system path'),
+    (['setup', '--name=ppf', '--zone=us-east5-a', '--gcs_bucket=gs://b', '--dry_run'],
+     "bucket name 'gs://b' is not valid"),
+    (['setup', '--name=ppf', '--zone=us-east5-a', '--gcs_bucket=My_Bucket', '--dry_run'],
+     'is not valid'),
+    (['setup', '--name=ppf', '--zone=us-east5-a', '--gcs_bucket=' + 'a' * 64, '--dry_run'],
+     'is not valid'),
+    (['setup', '--name=ppf', '--zone=us-east5-a', '--gcs_bucket=bk1', '--mount_point=gcs/b1',
+      '--dry_run'], 'expected an absolute directory path'),
+    (['setup', '--name=ppf', '--zone=us-east5-a', '--gcs_bucket=bk1', '--mount_point=/a/../b',
+      '--dry_run'], 'expected an absolute directory path'),
+    (['setup', '--name=ppf', '--zone=us-east5-a', '--mount_point=/gcs/b', '--dry_run'],
+     'give --gcs_bucket too'),
     (['run', '--name=ppf', '--zone=us-east5-a', '--accelerator_type=v4-8',
       '--config=configs/missing.py', '--workdir=w', '--dry_run'],
      "'configs/missing.py': no such file"),
@@ -187,9 +228,43 @@ def test_tpu_bad_inputs(repo, args, message):
 
 
 def test_tpu_local_workdir_is_fine_on_one_host(repo):
-  rc, cmds, _, _ = launch(repo, 'tpu_vm.py', *tpu_run('--dry_run', accelerator='v4-8',
-                                                      workdir='runs/x'))
+  rc, cmds, out, _ = launch(repo, 'tpu_vm.py', *tpu_run('--dry_run', accelerator='v4-8',
+                                                         workdir='runs/x'))
   assert rc == 0 and '--workdir=runs/x' in remote_main(cmds[0])
+  assert 'shared file system' not in out
+
+
+def test_tpu_multi_host_notes_shared_workdir_and_data(repo):
+  rc, _, out, _ = launch(repo, 'tpu_vm.py', *tpu_run(
+      '--dry_run', '--', '--config.data.path=/gcs/ppf-bucket/latents/in256_train'))
+  assert rc == 0
+  assert f'workdir {_SHARED} must be the same shared file system on every worker' in out
+  assert ('every worker reads --config.data.path=/gcs/ppf-bucket/latents/in256_train' in out)
+
+
+@pytest.mark.parametrize('script,args', [
+    ('tpu_vm.py', tpu_run('--dry_run', workdir='gs://ppf-bucket/runs/xl2')),
+    ('gpu.py', ['--config=configs/tiny.py', '--workdir=gs://ppf-bucket/runs/xl2', '--dry_run']),
+])
+def test_gcs_workdir_is_refused_with_why_and_how(repo, script, args):
+  rc, cmds, _, err = launch(repo, script, *args)
+  assert rc == 2 and not cmds
+  assert "--workdir='gs://ppf-bucket/runs/xl2'" in err
+  assert 'metrics.jsonl with open()' in err and 'checkpointer' in err  # why
+  assert '`gcsfuse --implicit-dirs --rename-dir-limit=100000 ppf-bucket /gcs/ppf-bucket`' in err
+  assert err.rstrip().endswith('pass --workdir=/gcs/ppf-bucket/runs/xl2')
+
+
+@pytest.mark.parametrize('script,args', [
+    ('tpu_vm.py', tpu_run('--dry_run', '--', '--config.data.path=gs://ppf-bucket/lat')),
+    ('gpu.py', ['--config=configs/tiny.py', '--workdir=/w', '--dry_run', '--',
+                '--config.data.path=gs://ppf-bucket/lat']),
+])
+def test_gcs_data_path_is_refused(repo, script, args):
+  rc, cmds, _, err = launch(repo, script, *args)
+  assert rc == 2 and not cmds
+  assert 'gs:// URLs do not work' in err
+  assert err.rstrip().endswith('pass --config.data.path=/gcs/ppf-bucket/lat')
 
 
 def test_tpu_config_outside_repo_is_refused(repo, tmp_path):
@@ -283,7 +358,8 @@ def test_gpu_manual_per_node_commands(repo):
 @pytest.mark.parametrize('args,message', [
     (gpu('--hosts=a,b,c', '--num_processes=2', '--dry_run'), 'names 3 hosts; they must match'),
     (gpu('--hosts=a,b,a', '--dry_run'), "lists ['a'] more than once"),
-    (gpu('--hosts=a,b', '--dry_run', workdir='ckpt'), 'is relative, but 2 hosts'),
+    (gpu('--hosts=a,b', '--dry_run', workdir='ckpt'), 'is a relative path, but 2 processes'),
+    (gpu('--slurm', '--num_processes=2', '--dry_run', workdir='ckpt'), 'relative path'),
     (gpu('--hosts=a,b', '--slurm', '--dry_run'), 'exclude each other'),
     (gpu('--num_processes=2', '--dry_run'), 'needs --coordinator_address'),
     (gpu('--num_processes=2', '--coordinator_address=h:1'), 'only prints the per-node commands'),
@@ -295,7 +371,7 @@ def test_gpu_manual_per_node_commands(repo):
     (gpu('--mem_fraction=1.5', '--dry_run'), 'must be in (0, 1]'),
     (gpu('--gpus=0;1', '--dry_run'), 'expected GPU indices'),
     (['--config=configs/nope.py', '--workdir=/w', '--dry_run'], 'no such file'),
-    (gpu('--dry_run', workdir='s3://b/x'), 'only gs:// and file system paths'),
+    (gpu('--dry_run', workdir='s3://b/x'), 'expected a file system path'),
     (gpu('--dry_run', '--', '--process_id=1'), 'set by the launcher'),
 ])
 def test_gpu_bad_inputs(repo, args, message):
