@@ -20,6 +20,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from ppflow_jax import config_lib
+from ppflow_jax import vae as vae_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).',
                                           lock_config=True)
@@ -37,13 +38,6 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0:
     jax.distributed.initialize()
-
-
-def load_vae(config):
-  if not config.vae.path:
-    return None
-  from ppflow_jax import vae  # pylint: disable=g-import-not-at-top
-  return vae.load_diffusers_vae(config.vae.path)
 
 
 def fmnist_evaluator(config, workdir: str):
@@ -67,7 +61,7 @@ def run(config, workdir: str, mode: str) -> None:
     trainer = train.Trainer(config, sharding.make_mesh(config))
     state = checkpoint.restore_for_inference(workdir, config, trainer)
     report.save_sample_grid(trainer, state, config, os.path.join(workdir, 'samples.png'),
-                            vae=load_vae(config))
+                            vae=vae_lib.for_config(config))
     logging.info('wrote %s', os.path.join(workdir, 'samples.png'))
     return
   else:
@@ -75,7 +69,7 @@ def run(config, workdir: str, mode: str) -> None:
     fid_sample.run(config, workdir)
     return
   if jax.process_index() == 0 and config.train.final_report:
-    result = report.final_report(trainer, state, config, workdir, vae=load_vae(config),
+    result = report.final_report(trainer, state, config, workdir, vae=vae_lib.for_config(config),
                                  evaluator=fmnist_evaluator(config, workdir))
     logging.info('report: %s', json.dumps(result))
     print(open(os.path.join(workdir, 'report.md')).read())

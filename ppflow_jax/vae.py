@@ -386,3 +386,8 @@ def load_diffusers_vae(path: str, *, dtype: str = 'float32') -> AutoencoderKL:
   for p, w in converted.items():
     flat[p].set_value(jnp.asarray(w))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def for_config(config) -> AutoencoderKL | None:
+  """The VAE of config.vae.path, or None when the model works on images directly."""
+  return load_diffusers_vae(config.vae.path) if config.vae.path else None
