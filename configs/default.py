@@ -20,8 +20,8 @@ def get_config(arg=None):
   c.vae.path = ''
   c.train.update(steps=600, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.99,
                  grad_clip_norm=1.0, log_every=50, final_report=True)
-  c.sample.update(method='heun', num_steps=25, batch_size=50, num_images=50)
-  c.eval.report_samples = 200
+  c.sample.update(method='heun', num_steps=21, batch_size=25, num_images=50)
+  c.eval.report_samples = 100
   c.checkpoint.update(every_steps=200, max_to_keep=2)
   if arg == 'runlocal':
     c.train.update(steps=30, log_every=10)
