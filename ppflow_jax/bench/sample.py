@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
