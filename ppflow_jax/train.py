@@ -103,10 +103,6 @@ class Trainer:
         opt_state=self.tx.init(p), rng=jax.random.key_data(jax.random.key(self.config.seed))),
                    out_shardings=self.state_sharding)(params)
 
-  def model(self, params) -> nnx.Module:
-    """The module for a params tree (e.g. `state.ema` for sampling)."""
-    return nnx.merge(self.graphdef, params)
-
   # -- loss and step ------------------------------------------------------------------------
 
   def loss_fn(self, params, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
