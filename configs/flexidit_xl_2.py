@@ -2,7 +2,7 @@
 
 FlexiDiT (Anagnostidis et al. 2025) fine-tunes DiT-XL/2 for a weak 4x4 patch on every timestep
 and samples with the weak patch for the first T_weak steps. Set T_weak with
-`ppflow_jax.flexidit.set_weak_steps(config, T_weak)` (it moves the stage boundary between grid
+`ppflow_jax.experiments.flexidit.set_weak_steps(config, T_weak)` (it moves the stage boundary between grid
 points). `arg='weak_guidance'` also guides the 2x2 steps with the 4x4 conditional prediction.
 """
 

@@ -10,7 +10,14 @@ Config files in `configs/` call `base_config()` and fill in what differs; comman
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
+
+# The repository's configs/ directory: relative config paths that do not exist from the current
+# directory are looked up from the repository root, so `configs/default.py` works anywhere.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (depth, hidden_size, num_heads) of the SiT/DiT family (SiT paper, Table 1).
 MODEL_SIZES = {
@@ -123,6 +130,25 @@ def base_config() -> ml_collections.ConfigDict:
       report_samples=200,     # samples per row of the end-of-run report (FID and timing).
   ))
   return c
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """The config named like `--config=`: 'configs/X.py' or 'configs/X.py:arg' -> get_config(arg).
+
+  What `main` gets from ml_collections' config flag (before command-line overrides), for code
+  that picks configs itself (experiments, benchmarks, tests).
+  """
+  path, _, arg = spec.partition('.py:')
+  path = path if path.endswith('.py') else path + '.py'
+  if not os.path.exists(path) and not os.path.isabs(path):
+    path = os.path.join(REPO_ROOT, path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {spec!r} not found (from {os.getcwd()} or {REPO_ROOT})')
+  module_spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def model_config(size: str, **overrides) -> ml_collections.ConfigDict:

@@ -49,7 +49,7 @@ class OnlineEncoder:
 
   def __init__(self, config: ml_collections.ConfigDict, trainer: Trainer):
     from flax import nnx  # pylint: disable=g-import-not-at-top
-    from ppflow_jax import vae  # pylint: disable=g-import-not-at-top
+    from ppflow_jax.models import vae  # pylint: disable=g-import-not-at-top
     graphdef, self.state = nnx.split(vae.load_diffusers_vae(config.vae.path))
     scale, self.seed = config.vae.scaling_factor, config.seed
 

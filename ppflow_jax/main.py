@@ -20,22 +20,27 @@ from absl import logging
 from ml_collections import config_flags
 
 from ppflow_jax import config_lib
-from ppflow_jax import vae as vae_lib
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, logs, samples and reports.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'sample_fid'], 'What to run.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
-flags.mark_flags_as_required(['config', 'workdir'])
+from ppflow_jax.models import vae as vae_lib
 
 
-def maybe_initialize_distributed() -> None:
-  """Joins a multi-process job when flags or the TPU environment say there is one."""
-  if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+def define_flags() -> None:
+  """Defines this entry point's flags (called under `__main__` only, so that importing this
+  module beside any other never redefines a flag)."""
+  config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Checkpoints, logs, samples and reports.')
+  flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'sample_fid'], 'What to run.')
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+  flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
+  flags.DEFINE_integer('process_id', None, 'This process index.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+  """Joins a multi-process job when the arguments or the TPU environment say there is one."""
+  if num_processes and num_processes > 1:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0:
     jax.distributed.initialize()
 
@@ -78,9 +83,11 @@ def run(config, workdir: str, mode: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  maybe_initialize_distributed()
-  run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  f = flags.FLAGS
+  maybe_initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+  run(f.config, f.workdir, f.mode)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from conftest import ROOT
+from tests.helpers import ROOT
 from ppflow_jax import flops
 from ppflow_jax import sampling
 from ppflow_jax import stages as stages_lib

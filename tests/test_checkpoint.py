@@ -10,7 +10,6 @@ checksum reduction).
 from __future__ import annotations
 
 import glob
-import importlib
 import json
 import os
 import random
@@ -24,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import ROOT
+from tests.helpers import ROOT
 
 from ppflow_jax import checkpoint
 from ppflow_jax import config_lib
@@ -43,7 +42,7 @@ FLAGS = ['--config=configs/default.py:runlocal'] + [
 
 def small_config(**train):
   """The in-process twin of FLAGS (same model, so it restores the subprocess checkpoints)."""
-  c = importlib.import_module('configs.default').get_config('runlocal')
+  c = config_lib.load_config('configs/default.py:runlocal')
   c.model.update(SMALL)
   c.train.update(batch_size=8, log_every=1, final_report=False, steps=STEPS, **train)
   c.checkpoint.update(every_steps=EVERY, max_to_keep=3)
@@ -368,8 +367,7 @@ def test_init_from_and_inference_errors(trainer, tmp_path):
 MESH_SCRIPT = r'''
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-sys.path.insert(0, 'tests')
-from conftest import tiny_config
+from tests.helpers import tiny_config
 from ppflow_jax import checkpoint, sharding
 from ppflow_jax.train import Trainer
 

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 
 import pytest
 
-from conftest import ROOT
+from tests.helpers import ROOT
 from ppflow_jax import config_lib, stages
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
 
 
 def load(path, arg=None):
-  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  return config_lib.load_config(f'{path}:{arg}' if arg else path)
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
-from conftest import tiny_config
+from tests.helpers import ROOT
+from tests.helpers import tiny_config
 from flax import nnx
 from flax import traverse_util
 from safetensors.torch import save_file

@@ -14,7 +14,7 @@ from PIL import Image
 
 from ppflow_jax import config_lib
 from ppflow_jax import data
-from ppflow_jax import vae
+from ppflow_jax.models import vae
 from ppflow_jax.data import extract
 from ppflow_jax.data import fashion_mnist
 from ppflow_jax.data import latents
@@ -250,7 +250,7 @@ def test_extract_resume_and_loader(tmp_path, image_folder_dir, tiny_vae):
     np.testing.assert_array_equal(got['y'], want['y'])
 
   # A few train steps straight from the latent shards (the 'latents' source of main).
-  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
   from ppflow_jax import loop, sharding  # pylint: disable=g-import-not-at-top
   from ppflow_jax.train import Trainer  # pylint: disable=g-import-not-at-top
   train_config = tiny_config(2, channels=4)

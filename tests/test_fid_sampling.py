@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
+from tests.helpers import ROOT, tiny_config
 from ppflow_jax import checkpoint, sharding, train
 from ppflow_jax.evaluation import sample
 
@@ -47,8 +47,7 @@ def write_params(workdir: str, config) -> None:
 _SCRIPT = textwrap.dedent('''
   import json, sys
   import jax, numpy as np
-  sys.path.insert(0, 'tests')
-  from test_fid_sampling import N, fid_config, write_params
+  from tests.test_fid_sampling import N, fid_config, write_params
   from ppflow_jax import sharding
   from ppflow_jax.evaluation import sample
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import tiny_config
-from ppflow_jax import flexidit
+from tests.helpers import tiny_config
+from ppflow_jax.experiments import flexidit
 from ppflow_jax import sampling
 from ppflow_jax import stages as stages_lib
 from ppflow_jax.models import build_model

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import subprocess
@@ -14,14 +13,15 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from conftest import ROOT, tiny_config
+from tests.helpers import ROOT, tiny_config
+from ppflow_jax import config_lib
 from ppflow_jax import flops
 from ppflow_jax import sampling
 from ppflow_jax.models import build_model
 
 
 def paper_config(name: str, boundaries=None):
-  config = importlib.import_module(f'configs.{name}').get_config()
+  config = config_lib.load_config(f'configs/{name}.py')
   if boundaries is not None:
     config.schedule.boundaries = boundaries
   return config

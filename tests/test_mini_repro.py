@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from ppflow_jax import checkpoint, flops, mini_repro, sampling
+from ppflow_jax import checkpoint, flops, sampling
+from ppflow_jax.experiments import mini_repro
 
 
 @pytest.mark.slow  # ~1 min of CPU time (2 cores); 2+ min when the box is shared.

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import mpdit_b, mpdit_xl
-from conftest import tiny_config
+from tests.helpers import tiny_config
 from ppflow_jax import config_lib
 from ppflow_jax import sampling
 from ppflow_jax import sharding
@@ -26,13 +25,13 @@ def tiny_mpdit(**model):
 
 
 @pytest.mark.parametrize('module,gflops,params_m,ablations', [
-    (mpdit_b, 16.6, 104.8, {('k', 4): 13.9, ('k', 8): 19.3, ('m', 1): 15.3, ('m', 4): 15.6,
+    ('mpdit_b', 16.6, 104.8, {('k', 4): 13.9, ('k', 8): 19.3, ('m', 1): 15.3, ('m', 4): 15.6,
                             ('m', 8): 15.9, ('m', 32): 18.0}),
-    (mpdit_xl, 59.3, 481.2, {('k', 4): 53.2, ('k', 8): 65.4}),
+    ('mpdit_xl', 59.3, 481.2, {('k', 4): 53.2, ('k', 8): 65.4}),
 ])
 def test_flops_and_params_match_paper(module, gflops, params_m, ablations):
   """MPDiT Tables 2, 4, 6 (GFLOPs) and 3-4 (params, incl. the two frozen sin-cos tables)."""
-  c = config_lib.resolve(module.get_config())
+  c = config_lib.resolve(config_lib.load_config(f'configs/{module}.py'))
   assert round(mpdit.mpdit_forward_flops(c) / 1e9, 1) == gflops
   assert mpdit.mpdit_forward_flops(c, 'exact') < mpdit.mpdit_forward_flops(c)
   abstract = nnx.eval_shape(lambda: build_model(c, nnx.Rngs(0)))
@@ -40,7 +39,7 @@ def test_flops_and_params_match_paper(module, gflops, params_m, ablations):
   d = c.model.hidden_size
   assert (n + (64 + 256) * d) / 1e6 == pytest.approx(params_m, abs=0.06)  # paper truncates
   for (field, value), want in ablations.items():
-    a = config_lib.resolve(module.get_config())
+    a = config_lib.resolve(config_lib.load_config(f'configs/{module}.py'))
     a.model['mpdit_fine_blocks' if field == 'k' else 'mpdit_class_tokens'] = value
     assert round(mpdit.mpdit_forward_flops(a) / 1e9, 1) == want, (field, value)
 

@@ -3,8 +3,6 @@ leakage between packed samples or from padding, patchify round trips, and one st
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import ROOT, tiny_config
+from tests.helpers import tiny_config
 from ppflow_jax import config_lib
 from ppflow_jax import packing
 from ppflow_jax import sharding
@@ -204,15 +202,8 @@ def test_patchify_unpatchify_identity_and_order(patch):
   assert tokens[1, i * (16 // pw) + j, (p * pw + q) * 3 + c] == x[1, i * ph + p, j * pw + q, c]
 
 
-def _load_config(name: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def test_single_stage_model_is_sit_xl_2():
-  config = config_lib.resolve(_load_config('sit_xl_2'))
+  config = config_lib.resolve(config_lib.load_config('configs/sit_xl_2.py'))
   abstract = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
   params = nnx.to_pure_dict(nnx.state(abstract))
   assert abstract.level_embedder is None and 'level_embedder' not in params

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import tiny_config
+from tests.helpers import tiny_config
 from ppflow_jax import flow
 from ppflow_jax import stages as stages_lib
 
@@ -72,7 +72,7 @@ def test_unknown_regime_is_rejected():
 @pytest.mark.slow
 def test_compare_quick_smoke(tmp_path):
   """The comparison of the regimes (and MPDiT) end to end at smoke-test size."""
-  from ppflow_jax import compare  # pylint: disable=g-import-not-at-top
+  from ppflow_jax.experiments import compare  # pylint: disable=g-import-not-at-top
   rows = compare.run(str(tmp_path), quick=True)
   assert [r['variant'] for r in rows] == [v.name for v in compare.VARIANTS]
   assert all(np.isfinite(r['sample_batch_seconds']) for r in rows)

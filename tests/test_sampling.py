@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import tiny_config
+from tests.helpers import tiny_config
 from ppflow_jax import sampling, stages
 from ppflow_jax.models import build_model
 

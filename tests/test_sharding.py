@@ -17,14 +17,13 @@ import textwrap
 import jax
 import pytest
 
-from conftest import ROOT, tiny_config
+from tests.helpers import ROOT, tiny_config
 from ppflow_jax import sharding
 
 _SCRIPT = textwrap.dedent('''
   import json, sys
   import jax, jax.numpy as jnp, numpy as np, optax
-  sys.path.insert(0, 'tests')
-  from conftest import tiny_config
+  from tests.helpers import tiny_config
   from ppflow_jax import sharding, train
 
   assert len(jax.devices()) == 8, jax.devices()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import tiny_config
+from tests.helpers import tiny_config
 from ppflow_jax import config_lib, stages
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import ROOT, tiny_config
+from tests.helpers import ROOT, tiny_config
 from ppflow_jax import flow, sharding
 from ppflow_jax.train import Trainer
 

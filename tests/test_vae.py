@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ppflow_jax import vae
+from ppflow_jax.models import vae
 
 torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
@@ -140,7 +140,7 @@ def test_online_encoding_in_training_loop(tmp_path, saved_tiny):
   """Image-folder data + config.vae.path: main's loop trains on VAE latents (x scaling factor)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
-  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
   from ppflow_jax import loop  # pylint: disable=g-import-not-at-top
   _, directory = saved_tiny
   rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import grain
 import ml_collections
 
-from ppflow_jax import vae
+from ppflow_jax.models import vae
 from ppflow_jax.data import fashion_mnist
 from ppflow_jax.data import image_folder
 from ppflow_jax.data import imagenet

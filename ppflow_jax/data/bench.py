@@ -22,10 +22,6 @@ from ppflow_jax import config_lib
 from ppflow_jax import data
 from ppflow_jax.data import latents
 
-_NUM = flags.DEFINE_integer('num_images', 20_000, 'Synthetic latent records.')
-_BATCH = flags.DEFINE_integer('batch', 256, 'Global batch size.')
-_STEPS = flags.DEFINE_integer('steps', 200, 'Timed batches.')
-_WORKERS = flags.DEFINE_integer('num_workers', 0, 'config.data.num_workers.')
 _SHAPE = (32, 32, 4)
 
 
@@ -60,17 +56,23 @@ def images_per_second(config, batch: int, steps: int) -> float:
 
 def main(argv):
   del argv
+  f = flags.FLAGS
   config = config_lib.base_config()
-  config.data.num_workers = _WORKERS.value
+  config.data.num_workers = f.num_workers
   with tempfile.TemporaryDirectory() as tmp:
-    write_synthetic_latents(tmp, _NUM.value)
+    write_synthetic_latents(tmp, f.num_images)
     config.data.source, config.data.path = 'latents', tmp
     print(f'latents {_SHAPE} (posterior sample + flip view): '
-          f'{images_per_second(config, _BATCH.value, _STEPS.value):,.0f} images/s')
+          f'{images_per_second(config, f.batch, f.steps):,.0f} images/s')
   config.data.source, config.data.path = 'fashion_mnist', ''
   print(f'fashion_mnist (32, 32, 1): '
-        f'{images_per_second(config, _BATCH.value, _STEPS.value):,.0f} images/s')
+        f'{images_per_second(config, f.batch, f.steps):,.0f} images/s')
 
 
 if __name__ == '__main__':
+  # Flags only under __main__: this module is imported by tests as a library.
+  flags.DEFINE_integer('num_images', 20_000, 'Synthetic latent records.')
+  flags.DEFINE_integer('batch', 256, 'Global batch size.')
+  flags.DEFINE_integer('steps', 200, 'Timed batches.')
+  flags.DEFINE_integer('num_workers', 0, 'config.data.num_workers.')
   app.run(main)

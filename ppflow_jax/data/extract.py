@@ -28,20 +28,23 @@ from array_record.python import array_record_module
 from flax import nnx
 from ml_collections import config_flags
 
-from ppflow_jax import vae as vae_lib
+from ppflow_jax.models import vae as vae_lib
 from ppflow_jax.data import image_folder
 from ppflow_jax.data import imagenet
 from ppflow_jax.data import latents
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-_OUT = flags.DEFINE_string('out', None, 'Output directory of the latent shards.')
-_SHARD_SIZE = flags.DEFINE_integer('shard_size', 1024, 'Images per shard (resume granularity).')
-_BATCH = flags.DEFINE_integer('per_device_batch', 32, 'Images per device per encoder call (each '
-                              'also encoded flipped); lower it at 512 px if memory runs out.')
-_SPLIT = flags.DEFINE_string('split', 'train', 'Split of the source (imagenet: tfds split).')
-_THREADS = flags.DEFINE_integer('num_threads', 16, 'Threads decoding and cropping images.')
-_DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() first '
-                                 '(multi-process runs: TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS).')
+
+def define_flags() -> None:
+  """The command line's flags (defined under `__main__` only: this module is also a library)."""
+  config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+  flags.DEFINE_string('out', None, 'Output directory of the latent shards.')
+  flags.DEFINE_integer('shard_size', 1024, 'Images per shard (resume granularity).')
+  flags.DEFINE_integer('per_device_batch', 32, 'Images per device per encoder call (each also '
+                       'encoded flipped); lower it at 512 px if memory runs out.')
+  flags.DEFINE_string('split', 'train', 'Split of the source (imagenet: tfds split).')
+  flags.DEFINE_integer('num_threads', 16, 'Threads decoding and cropping images.')
+  flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() first '
+                    '(multi-process runs: TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS).')
 
 
 def image_source(config, split: str = 'train'):
@@ -223,14 +226,16 @@ def run(config, out: str, *, shard_size: int = 1024, per_device_batch: int = 32,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not _OUT.value:
+  f = flags.FLAGS
+  if not f.out:
     raise app.UsageError('--out=DIR is required')
-  if _DISTRIBUTED.value:
+  if f.distributed:
     jax.distributed.initialize()
-  run(_CONFIG.value, _OUT.value, shard_size=_SHARD_SIZE.value, per_device_batch=_BATCH.value,
-      split=_SPLIT.value, num_threads=_THREADS.value)
+  run(f.config, f.out, shard_size=f.shard_size, per_device_batch=f.per_device_batch,
+      split=f.split, num_threads=f.num_threads)
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['config'])
   app.run(main)

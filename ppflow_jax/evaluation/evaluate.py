@@ -19,18 +19,20 @@ from absl import app, flags, logging
 
 from ppflow_jax.evaluation import inception, metrics
 
-_SAMPLES = flags.DEFINE_string('samples', None, 'ADM sample batch .npz (uint8 NHWC arr_0).')
-_REFERENCE = flags.DEFINE_string(
-    'reference', None, 'ADM reference batch .npz (mu, sigma, mu_s, sigma_s, arr_0).')
-_WEIGHTS = flags.DEFINE_string(
-    'inception_weights', None,
-    "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or a .safetensors copy).")
-_OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the metrics.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 100, 'Images per Inception forward pass.')
-_PREPROCESS = flags.DEFINE_enum(
-    'preprocess', 'pytorch_fid', list(inception.PREPROCESS_MODES),
-    "Resize + scaling before Inception: pytorch-fid's, or an emulation of the TF graph's ('tf1').")
-_IS_SPLIT_SIZE = flags.DEFINE_integer('is_split_size', 5000, 'Samples per IS split (ADM: 5000).')
+
+def define_flags() -> None:
+  """The command line's flags (defined under `__main__` only: this module is also a library)."""
+  flags.DEFINE_string('samples', None, 'ADM sample batch .npz (uint8 NHWC arr_0).')
+  flags.DEFINE_string('reference', None,
+                      'ADM reference batch .npz (mu, sigma, mu_s, sigma_s, arr_0).')
+  flags.DEFINE_string('inception_weights', None,
+                      "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or a .safetensors copy).")
+  flags.DEFINE_string('out', '', 'Optional JSON file for the metrics.')
+  flags.DEFINE_integer('batch_size', 100, 'Images per Inception forward pass.')
+  flags.DEFINE_enum('preprocess', 'pytorch_fid', list(inception.PREPROCESS_MODES),
+                    "Resize + scaling before Inception: pytorch-fid's, or an emulation of the TF "
+                    "graph's ('tf1').")
+  flags.DEFINE_integer('is_split_size', 5000, 'Samples per IS split (ADM: 5000).')
 
 
 def evaluate(samples_path: str, reference_path: str, weights_path: str, batch_size: int = 100,
@@ -64,17 +66,19 @@ def evaluate(samples_path: str, reference_path: str, weights_path: str, batch_si
 
 def main(argv):
   del argv
-  for flag in (_SAMPLES, _REFERENCE, _WEIGHTS):
-    if not flag.value:
-      raise app.UsageError(f'--{flag.name} is required')
-  result = evaluate(_SAMPLES.value, _REFERENCE.value, _WEIGHTS.value, _BATCH_SIZE.value,
-                    _PREPROCESS.value, _IS_SPLIT_SIZE.value)
+  f = flags.FLAGS
+  for name in ('samples', 'reference', 'inception_weights'):
+    if not f[name].value:
+      raise app.UsageError(f'--{name} is required')
+  result = evaluate(f.samples, f.reference, f.inception_weights, f.batch_size, f.preprocess,
+                    f.is_split_size)
   text = json.dumps(result, indent=2)
   print(text)
-  if _OUT.value:
-    with open(_OUT.value, 'w') as f:
-      f.write(text + '\n')
+  if f.out:
+    with open(f.out, 'w') as out:
+      out.write(text + '\n')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -1,7 +1,6 @@
 """FID sampling: N samples from a workdir's EMA weights as an ADM `.npz`, plus an eval card.
 
-  python -m ppflow_jax.evaluation.sample --config=configs/ppf_xl_2.py --workdir=DIR
-  python -m ppflow_jax.main --mode=sample_fid --config=... --workdir=DIR      (the same)
+  python -m ppflow_jax.main --mode=sample_fid --config=configs/ppf_xl_2.py --workdir=DIR
 
 Sample i depends only on i: its noise and SDE key are `fold_in(key(config.seed), i)` (the
 convention of `report.initial_noise`) and its label is entry i of a label list fixed by
@@ -34,8 +33,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app
-from absl import flags
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -45,7 +42,7 @@ from ppflow_jax import report
 from ppflow_jax import sampling
 from ppflow_jax import sharding
 from ppflow_jax import train
-from ppflow_jax import vae as vae_lib
+from ppflow_jax.models import vae as vae_lib
 
 SAMPLES_DIR = 'fid_samples'
 CARD_FILE = 'eval_card.json'
@@ -349,9 +346,3 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info('wrote %s and %s', samples_file, os.path.join(out_dir, CARD_FILE))
   return card
 
-
-if __name__ == '__main__':
-  # The same flags as `python -m ppflow_jax.main` (config, workdir, multi-process), mode preset.
-  from ppflow_jax import main as _entry  # pylint: disable=g-import-not-at-top
-  flags.FLAGS.set_default('mode', 'sample_fid')
-  app.run(_entry.main)

@@ -7,8 +7,8 @@ Fashion-MNIST FID (evaluation/fmnist_features.py) and times sampling. Two sampli
 trained weights: FlexiDiT's weak-model guidance, and PPF-2 forced to its finest patch (the cost
 of the same network without pyramidal patchification).
 
-  python -m ppflow_jax.compare --workdir=/tmp/compare            # full run (docs/variants.md)
-  python -m ppflow_jax.compare --workdir=/tmp/compare_quick --quick  # smoke test, < 60 s
+  python -m ppflow_jax.experiments.compare --workdir=/tmp/compare            # full run (docs/variants.md)
+  python -m ppflow_jax.experiments.compare --workdir=/tmp/compare_quick --quick  # smoke test, < 60 s
 
 Each variant trains in `<workdir>/<name>/` through loop.train_and_evaluate, so an interrupted run
 resumes from its checkpoints. Results go to `<workdir>/compare.json` and `compare.md`.
@@ -28,49 +28,39 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from configs import default as default_cfg
-from configs import default_flexidit
-from configs import default_lumina
-from configs import default_mpdit
 from ppflow_jax import config_lib
 from ppflow_jax import loop
 from ppflow_jax import report
 from ppflow_jax import sampling
 
-flags.DEFINE_string('workdir', None, 'Output directory (one subdirectory per trained variant).')
-flags.DEFINE_integer('steps', 0, 'Training steps per variant; 0 = the default config (1200).')
-flags.DEFINE_integer('num_samples', 1000, 'Samples per variant for the FID.')
-flags.DEFINE_integer('timing_repeats', 3, 'Timed sampling runs of one batch (after compiling).')
-flags.DEFINE_string('fid_cache', '', "Fashion-MNIST classifier cache; '' = <workdir>/fmnist_classifier.")
-flags.DEFINE_bool('quick', False, 'Smoke test: 3 steps, 20 samples, 4 grid points, tiny classifier.')
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
   name: str
-  get_config: object             # configs/*.py get_config
+  config: str                    # the config file, as --config= names it
   train_as: str = ''             # '' = own weights; else the variant whose weights it samples
   sample_overrides: tuple = ()   # SamplerSpec field overrides, as (name, value) pairs
   note: str = ''
 
 
 VARIANTS = (
-    Variant('PPF-2', default_cfg.get_config, note='each patch on its own time range'),
-    Variant('FlexiDiT-style', default_flexidit.get_config, note='every patch on U(0, 1)'),
-    Variant('FlexiDiT-style + weak guidance', default_flexidit.get_config,
+    Variant('PPF-2', 'configs/default.py', note='each patch on its own time range'),
+    Variant('FlexiDiT-style', 'configs/default_flexidit.py', note='every patch on U(0, 1)'),
+    Variant('FlexiDiT-style + weak guidance', 'configs/default_flexidit.py',
             train_as='FlexiDiT-style',
             sample_overrides=(('guidance', 'weak_conditional'), ('guidance_stage', 0)),
             note='2x2 steps guided by the 4x4 conditional pass (packed)'),
-    Variant('Lumina-style', default_lumina.get_config, note='every patch on all t, shifted'),
-    Variant('MPDiT', default_mpdit.get_config, note='4x4 blocks -> upsample -> 2x2 blocks'),
-    Variant('PPF-2 weights, finest patch only', default_cfg.get_config, train_as='PPF-2',
+    Variant('Lumina-style', 'configs/default_lumina.py', note='every patch on all t, shifted'),
+    Variant('MPDiT', 'configs/default_mpdit.py', note='4x4 blocks -> upsample -> 2x2 blocks'),
+    Variant('PPF-2 weights, finest patch only', 'configs/default.py', train_as='PPF-2',
             sample_overrides=(('force_finest', True),), note='speed reference (SiT cost)'),
 )
 
 
 def variant_config(v: Variant, steps: int, quick: bool) -> ml_collections.ConfigDict:
   """The variant's config with the comparison's shared overrides (steps, quick sampler)."""
-  c = v.get_config()
+  c = config_lib.load_config(v.config)
   if steps:
     c.train.steps = steps
   if quick:
@@ -180,5 +170,18 @@ def main(argv):
   run(f.workdir, f.steps, f.num_samples, f.timing_repeats, f.fid_cache, f.quick)
 
 
+def define_flags() -> None:
+  """The command line's flags (defined under `__main__` only: this module is also a library)."""
+  flags.DEFINE_string('workdir', None, 'Output directory (one subdirectory per trained variant).')
+  flags.DEFINE_integer('steps', 0, 'Training steps per variant; 0 = the default config\'s.')
+  flags.DEFINE_integer('num_samples', 1000, 'Samples per variant for the FID.')
+  flags.DEFINE_integer('timing_repeats', 3, 'Timed sampling runs of one batch (after compiling).')
+  flags.DEFINE_string('fid_cache', '',
+                      "Fashion-MNIST classifier cache; '' = <workdir>/fmnist_classifier.")
+  flags.DEFINE_bool('quick', False,
+                    'Smoke test: 3 steps, 20 samples, 4 grid points, tiny classifier.')
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -1,17 +1,17 @@
-"""Shared fixtures: tiny configs that compile and run in seconds on CPU."""
+"""What tests share: the repository root and tiny configs that compile and run in seconds on CPU.
+
+Tests import it as `from tests.helpers import ...` (pytest.ini puts the repository root on the
+path); subprocess scripts started with `cwd=ROOT` import it the same way.
+"""
 
 from __future__ import annotations
 
 import os
-import sys
 
-# Tests that need several devices run in subprocesses with their own XLA_FLAGS.
+from ppflow_jax import config_lib
+
+# Tests that need several devices run in subprocesses with their own XLA_FLAGS, from here.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import pytest  # noqa: E402
-
-from ppflow_jax import config_lib  # noqa: E402
 
 
 def tiny_config(num_stages: int = 2, *, hw: int = 16, channels: int = 2, learn_sigma: bool = True,
@@ -29,8 +29,3 @@ def tiny_config(num_stages: int = 2, *, hw: int = 16, channels: int = 2, learn_s
   c.data.source = 'fashion_mnist'
   c.train.update(batch_size=8, steps=10)
   return config_lib.resolve(c)
-
-
-@pytest.fixture
-def tiny():
-  return tiny_config

@@ -1,7 +1,7 @@
 """The paper's claim in miniature on Fashion-MNIST (32x32x1), on a CPU in under an hour.
 
-  python -m ppflow_jax.mini_repro --workdir=/tmp/mini_repro          # full run (~25 min, 2 cores)
-  python -m ppflow_jax.mini_repro --workdir=/tmp/mini_quick --quick  # smoke test (1-2 min)
+  python -m ppflow_jax.experiments.mini_repro --workdir=/tmp/mini_repro          # full run (~25 min, 2 cores)
+  python -m ppflow_jax.experiments.mini_repro --workdir=/tmp/mini_quick --quick  # smoke test (1-2 min)
 
 Recipe (paper §3.3 / §4, shrunk): train a SiT baseline (one stage, 2x2 patches) for N steps;
 initialise PPF-2 (4x4 | 2x2, boundary 0.5) and PPF-3 (4x4 | 2x4 | 2x2, boundaries 0.5 / 0.75)
@@ -20,7 +20,6 @@ results.md, fid_vs_time.png and samples.png.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import time
@@ -42,13 +41,6 @@ from ppflow_jax.convert import init_from_sit
 from ppflow_jax.evaluation import fmnist_features
 from ppflow_jax.evaluation import sample as sample_lib
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where models, samples and results go.')
-_QUICK = flags.DEFINE_bool('quick', False,
-                           'Tiny smoke-test recipe (1-2 min; meaningless numbers).')
-_SIT_STEPS = flags.DEFINE_integer('sit_steps', 0, 'Override the SiT baseline steps (0 = recipe).')
-_NUM_SAMPLES = flags.DEFINE_integer('num_samples', 0, 'Override samples per model (0 = recipe).')
-_FINETUNE_FRACTION = flags.DEFINE_float(
-    'finetune_fraction', 0.0, 'Override PPF fine-tuning steps / SiT steps (0 = recipe: 0.1).')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,19 +79,9 @@ MODELS = {'SiT (2x2)': 1, 'PPF-2 (4x4 | 2x2)': 2, 'PPF-3 (4x4 | 2x4 | 2x2)': 3}
 _DIRS = {1: 'sit', 2: 'ppf2', 3: 'ppf3'}
 
 
-def _default_config() -> ml_collections.ConfigDict:
-  """configs/default.py of this checkout (the embedded Fashion-MNIST default)."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-                      'default.py')
-  spec = importlib.util.spec_from_file_location('ppflow_default_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def make_config(recipe: Recipe, num_stages: int, finetune: bool) -> ml_collections.ConfigDict:
   """The default config with the recipe's model and the paper's `num_stages` schedule."""
-  c = _default_config()
+  c = config_lib.load_config('configs/default.py')
   c.model.update(depth=recipe.depth, hidden_size=recipe.hidden_size, num_heads=recipe.num_heads)
   # No guidance: every stage's scale is 1.0 (one pass), so all models pay the same per step.
   config_lib.set_schedule(c, num_stages, (1.0,) * num_stages)
@@ -280,19 +262,31 @@ def run(workdir: str, recipe: Recipe) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not _WORKDIR.value:
+  f = flags.FLAGS
+  if not f.workdir:
     raise app.UsageError('--workdir is required')
-  recipe = QUICK if _QUICK.value else Recipe()
-  if _SIT_STEPS.value:
-    recipe = dataclasses.replace(recipe, sit_steps=_SIT_STEPS.value)
-  if _NUM_SAMPLES.value:
-    recipe = dataclasses.replace(recipe, num_samples=_NUM_SAMPLES.value)
-  if _FINETUNE_FRACTION.value:
-    recipe = dataclasses.replace(recipe, finetune_fraction=_FINETUNE_FRACTION.value)
-  result = run(_WORKDIR.value, recipe)
+  recipe = QUICK if f.quick else Recipe()
+  if f.sit_steps:
+    recipe = dataclasses.replace(recipe, sit_steps=f.sit_steps)
+  if f.num_samples:
+    recipe = dataclasses.replace(recipe, num_samples=f.num_samples)
+  if f.finetune_fraction:
+    recipe = dataclasses.replace(recipe, finetune_fraction=f.finetune_fraction)
+  result = run(f.workdir, recipe)
   print(markdown(result))
-  print(f'total {result["total_seconds"]:.0f} s; results in {_WORKDIR.value}')
+  print(f'total {result["total_seconds"]:.0f} s; results in {f.workdir}')
+
+
+def define_flags() -> None:
+  """The command line's flags (defined under `__main__` only: this module is also a library)."""
+  flags.DEFINE_string('workdir', None, 'Where models, samples and results go.')
+  flags.DEFINE_bool('quick', False, 'Tiny smoke-test recipe (1-2 min; meaningless numbers).')
+  flags.DEFINE_integer('sit_steps', 0, 'Override the SiT baseline steps (0 = recipe).')
+  flags.DEFINE_integer('num_samples', 0, 'Override samples per model (0 = recipe).')
+  flags.DEFINE_float('finetune_fraction', 0.0,
+                     'Override PPF fine-tuning steps / SiT steps (0 = recipe: 0.1).')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
