@@ -42,6 +42,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from ppflow_jax import models
+from ppflow_jax import sharding
 from ppflow_jax.train import Trainer, TrainState
 
 CHECKPOINTS = 'checkpoints'
@@ -342,7 +344,7 @@ class Checkpointer:
     init_from = self.config.train.init_from
     if not init_from:
       return self.trainer.init_state()
-    params = load_init_params(init_from, self.config, self.trainer)
+    params = load_init_params(init_from, self.config, self.trainer.mesh)
     _say(f'no checkpoint in {self.directory}: starting at step 0 from the params of {init_from}')
     return self.trainer.state_from_params(params)
 
@@ -431,9 +433,14 @@ def _verify_checksums(restored, saved: dict[str, int] | None, metadata) -> None:
 # -- inference and params-only checkpoints ------------------------------------------------------
 
 
+def params_target(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
+  """Sharded `ShapeDtypeStruct`s of the params of `config`'s model on `mesh` (restore target)."""
+  return models.abstract_params(config, mesh)[1]
+
+
 def restore_for_inference(workdir: str, config: ml_collections.ConfigDict,
-                          trainer: Trainer) -> TrainState:
-  """Step, params and EMA (what samplers use) from `workdir`, on `trainer`'s shardings.
+                          mesh: jax.sharding.Mesh) -> TrainState:
+  """Step, params and EMA (what samplers use) from `workdir`, on the param shardings over `mesh`.
 
   Reads the latest intact `workdir/checkpoints` step (optimizer state is neither read nor
   needed: `opt_state` and `rng` are None), else params written by `save_params` / the converter
@@ -451,11 +458,11 @@ def restore_for_inference(workdir: str, config: ml_collections.ConfigDict,
                            checksum=ocp.JsonCheckpointHandler()))
     try:
       if manager.all_steps():
-        return _restore_inference_state(manager, directory, config, trainer)
+        return _restore_inference_state(manager, directory, config, mesh)
     finally:
       manager.close()
   if os.path.isdir(os.path.join(workdir, PARAMS_DIR)):
-    params = load_params(workdir, config, trainer)
+    params = load_params(workdir, config, mesh)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
                       opt_state=None, rng=None)
   raise FileNotFoundError(
@@ -465,10 +472,12 @@ def restore_for_inference(workdir: str, config: ml_collections.ConfigDict,
 
 
 def _restore_inference_state(manager: ocp.CheckpointManager, directory: str,
-                             config: ml_collections.ConfigDict, trainer: Trainer) -> TrainState:
+                             config: ml_collections.ConfigDict,
+                             mesh: jax.sharding.Mesh) -> TrainState:
   """The latest intact step's {step, params, ema}; unusable steps are reported and skipped."""
-  full = abstract_state(trainer)
-  target = {k: full[k] for k in ('step', 'params', 'ema')}
+  params = params_target(config, mesh)
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
+  target = dict(step=step, params=params, ema=params)
   problems = []
   for step in sorted(manager.all_steps(), reverse=True):
     where = f'checkpoint step {step} in {directory}'
@@ -513,8 +522,8 @@ def save_params(directory: str, params, config: ml_collections.ConfigDict) -> st
   return path
 
 
-def load_params(directory: str, config: ml_collections.ConfigDict, trainer: Trainer):
-  """Params written by `save_params` (or the converter CLI), sharded like `trainer`'s params.
+def load_params(directory: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """Params written by `save_params` (or the converter CLI), on their shardings over `mesh`.
 
   Args:
     directory: the directory given to `save_params`, or its `converted_params/` itself.
@@ -533,17 +542,18 @@ def load_params(directory: str, config: ml_collections.ConfigDict, trainer: Trai
     with open(os.path.join(directory, PARAMS_CONFIG)) as f:
       saved = json.load(f)
   check_config(saved, config, f'the params in {path}')
-  target = abstract_state(trainer)['params']
+  target = params_target(config, mesh)
   with ocp.StandardCheckpointer() as ckpt:
     check_tree(ckpt.metadata(path).item_metadata, target, f'the params in {path}')
     return ckpt.restore(path, target)
 
 
-def load_init_params(init_from: str, config: ml_collections.ConfigDict, trainer: Trainer):
+def load_init_params(init_from: str, config: ml_collections.ConfigDict,
+                     mesh: jax.sharding.Mesh):
   """What `config.train.init_from` names: a `save_params`/converter directory, or a PyTorch /
   safetensors SiT, DiT or PPF file (converted by ppflow_jax.convert)."""
   if os.path.isdir(init_from):
-    return load_params(init_from, config, trainer)
+    return load_params(init_from, config, mesh)
   if not os.path.exists(init_from):
     raise FileNotFoundError(f'config.train.init_from={init_from!r} does not exist')
   if not init_from.endswith(TORCH_SUFFIXES):
@@ -551,4 +561,5 @@ def load_init_params(init_from: str, config: ml_collections.ConfigDict, trainer:
                      f'checkpoint.save_params / python -m ppflow_jax.convert, or a weight file '
                      f'ending in one of {TORCH_SUFFIXES}')
   from ppflow_jax.convert import params_for_init  # pylint: disable=g-import-not-at-top
-  return jax.device_put(params_for_init(init_from, config), trainer.state_sharding.params)
+  shardings = jax.tree.map(lambda a: a.sharding, params_target(config, mesh))
+  return jax.device_put(params_for_init(init_from, config), shardings)

@@ -21,6 +21,7 @@ from absl import logging
 
 from ppflow_jax import checkpoint
 from ppflow_jax import data as data_lib
+from ppflow_jax import inference
 from ppflow_jax import report
 from ppflow_jax import sharding
 from ppflow_jax.train import Trainer, TrainState
@@ -148,7 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           raise SystemExit(0)  # A clean exit that skips the report; `finally` awaits the save.
         ckpt.maybe_save(step, state, data_iter)
         if config.train.sample_every and step % config.train.sample_every == 0 and lead:
-          report.save_sample_grid(trainer, state, config,
+          report.save_sample_grid(inference.Inference.from_trainer(trainer, state.ema, step=step),
                                   os.path.join(workdir, f'samples_{step:07d}.png'))
     ckpt.save(total, state, data_iter, force=True)
   finally:

@@ -54,7 +54,7 @@ def fmnist_evaluator(config, workdir: str):
 
 
 def run(config, workdir: str, mode: str) -> None:
-  from ppflow_jax import checkpoint, loop, report, sharding, train  # pylint: disable=g-import-not-at-top
+  from ppflow_jax import inference, loop, report  # pylint: disable=g-import-not-at-top
   config = config_lib.resolve(config)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -63,10 +63,8 @@ def run(config, workdir: str, mode: str) -> None:
   if mode == 'train':
     trainer, state = loop.train_and_evaluate(config, workdir)
   elif mode == 'sample':
-    trainer = train.Trainer(config, sharding.make_mesh(config))
-    state = checkpoint.restore_for_inference(workdir, config, trainer)
-    report.save_sample_grid(trainer, state, config, os.path.join(workdir, 'samples.png'),
-                            vae=vae_lib.for_config(config))
+    model = inference.Inference.from_workdir(workdir, config, vae=vae_lib.for_config(config))
+    report.save_sample_grid(model, os.path.join(workdir, 'samples.png'))
     logging.info('wrote %s', os.path.join(workdir, 'samples.png'))
     return
   else:
@@ -74,8 +72,9 @@ def run(config, workdir: str, mode: str) -> None:
     fid_sample.run(config, workdir)
     return
   if jax.process_index() == 0 and config.train.final_report:
-    result = report.final_report(trainer, state, config, workdir, vae=vae_lib.for_config(config),
-                                 evaluator=fmnist_evaluator(config, workdir))
+    model = inference.Inference.from_trainer(trainer, state.ema, step=state.step,
+                                             vae=vae_lib.for_config(config))
+    result = report.final_report(model, workdir, evaluator=fmnist_evaluator(config, workdir))
     logging.info('report: %s', json.dumps(result))
     print(open(os.path.join(workdir, 'report.md')).read())
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from PIL import Image
 
+from ppflow_jax import flops
+from ppflow_jax import inference
 from ppflow_jax import sampling
 
 
@@ -47,71 +47,11 @@ def grid_labels(num_images: int, num_classes: int) -> np.ndarray:
   return (np.arange(num_images) // per_class % num_classes).astype(np.int32)
 
 
-def decode(config: ml_collections.ConfigDict, latents: jax.Array, vae=None) -> jax.Array:
-  """Model latents -> images in [-1, 1]: the VAE decoder when there is one, else the identity."""
-  if vae is None:
-    return latents
-  return vae.decode(latents / config.vae.scaling_factor)
-
-
-def make_sampler(trainer, config: ml_collections.ConfigDict,
-                 **spec_overrides) -> sampling.Sampler:
-  """A Sampler for config.sample (plus SamplerSpec overrides, e.g. force_finest=True)."""
-  spec = sampling.SamplerSpec.from_config(config, **spec_overrides)
-  return sampling.Sampler(trainer.graphdef, trainer.schedule, spec, config.model.num_classes)
-
-
-def sample_in_chunks(sampler: sampling.Sampler, params, config: ml_collections.ConfigDict,
-                     labels: np.ndarray, seed: int) -> tuple[np.ndarray, list[float]]:
-  """Samples latents for `labels` in chunks of config.sample.batch_size.
-
-  Returns (samples (N, H, W, C), seconds per chunk). The first chunk compiles the stage programs;
-  callers timing the sampler use the later chunks (see `steady_seconds`).
-  """
-  noise, keys = initial_noise(config, len(labels), seed)
-  out, seconds, bs = [], [], config.sample.batch_size
-  for i in range(0, len(labels), bs):
-    t0 = time.perf_counter()
-    x = sampler.sample(params, noise[i:i + bs], jnp.asarray(labels[i:i + bs]), keys[i:i + bs])
-    out.append(np.asarray(jax.block_until_ready(x)))
-    seconds.append(time.perf_counter() - t0)
-  return np.concatenate(out), seconds
-
-
-def steady_seconds(sampler, params, config, labels: np.ndarray, seconds=(),
-                   repeats: int = 3) -> list[float]:
-  """Per-batch times without compilation: the full chunks after the first of `seconds`, topped
-  up with fresh timed batches (after an untimed compile run if nothing ran yet)."""
-  bs = config.sample.batch_size
-  steady = list(seconds[1:len(labels) // bs])
-  if not seconds:
-    sample_in_chunks(sampler, params, config, labels[:bs], 0)
-  while len(steady) < repeats:
-    steady.append(sample_in_chunks(sampler, params, config, labels[:bs], 0)[1][0])
-  return steady
-
-
-def generate(trainer, params, config: ml_collections.ConfigDict, labels: np.ndarray, seed: int,
-             **spec_overrides) -> np.ndarray:
-  """Samples latents (N, H, W, C) for `labels` with config.sample (plus overrides)."""
-  return sample_in_chunks(make_sampler(trainer, config, **spec_overrides), params, config,
-                          labels, seed)[0]
-
-
-def initial_noise(config: ml_collections.ConfigDict, n: int, seed: int):
-  """Per-sample noise (n, H, W, C) and SDE keys (n,), sample i depending only on (seed, i)."""
-  shape = (config.latent.height, config.latent.width, config.latent.channels)
-
-  def one(i):
-    k_noise, k_path = jax.random.split(jax.random.fold_in(jax.random.key(seed), i))
-    return jax.random.normal(k_noise, shape), k_path
-  return jax.vmap(one)(jnp.arange(n))
-
-
-def save_sample_grid(trainer, state, config, path: str, vae=None) -> None:
-  """A class-conditional grid of config.sample.num_images EMA samples."""
+def save_sample_grid(model: inference.Inference, path: str) -> None:
+  """A class-conditional grid of config.sample.num_images samples of `model`'s weights."""
+  config = model.config
   labels = grid_labels(config.sample.num_images, config.model.num_classes)
-  x = decode(config, generate(trainer, state.ema, config, labels, config.seed), vae)
+  x = model.decode(model.generate(labels, config.seed))
   save_grid(to_uint8(x), path, nrow=max(1, config.sample.num_images // min(
       config.model.num_classes, config.sample.num_images)), scale=2)
 
@@ -136,30 +76,34 @@ def plot_losses(metrics_file: str, path: str) -> None:
   plt.close(fig)
 
 
-def final_report(trainer, state, config: ml_collections.ConfigDict, workdir: str,
-                 vae=None, evaluator=None) -> dict:
+def final_report(model: inference.Inference, workdir: str, evaluator=None) -> dict:
   """Writes samples.png, loss.png, report.json and report.md in `workdir`; returns the numbers.
+
+  model: the trained weights (EMA) to report on; evaluator: an object whose `score(images)`
+  returns {'fid': ...} (evaluation/fmnist_features.py), or None for no FID.
 
   PPF and the same weights at the finest patch sample the same noise and labels in batches of
   config.sample.batch_size; per-batch times exclude compilation (the first batch) and are
   reported as median (min-max). FID uses all config.eval.report_samples samples.
   """
-  from ppflow_jax import flops  # pylint: disable=g-import-not-at-top
+  config = model.config
   num_classes = config.model.num_classes
   n = max(config.sample.num_images, config.eval.report_samples)
   labels = np.concatenate([grid_labels(config.sample.num_images, num_classes),
                            np.arange(n - config.sample.num_images) % num_classes]).astype(np.int32)
   nrow = max(1, config.sample.num_images // min(num_classes, config.sample.num_images))
   result = dict(num_images=n, batch_size=config.sample.batch_size,
-                device=jax.devices()[0].device_kind, steps=int(jax.device_get(state.step)))
+                device=jax.devices()[0].device_kind, steps=model.step)
   images = {}
   for name, overrides in (('ppf', {}), ('finest', {'force_finest': True})):
-    sampler = make_sampler(trainer, config, **overrides)
-    latents, seconds = sample_in_chunks(sampler, state.ema, config, labels, config.seed)
-    steady = steady_seconds(sampler, state.ema, config, labels, seconds)
+    sampler = model.sampler(**overrides)
+    latents, seconds = sampling.sample_in_chunks(sampler, model.params, model.latent_shape, labels,
+                                                 config.seed, config.sample.batch_size)
+    steady = sampling.steady_seconds(sampler, model.params, model.latent_shape, labels,
+                                     config.sample.batch_size, seconds)
     result[f'{name}_batch_seconds'] = float(np.median(steady))
     result[f'{name}_batch_seconds_range'] = [float(min(steady)), float(max(steady))]
-    images[name] = np.clip(np.asarray(decode(config, latents, vae)), -1.0, 1.0)
+    images[name] = np.clip(np.asarray(model.decode(latents)), -1.0, 1.0)
     suffix = '' if name == 'ppf' else '_finest'
     save_grid(to_uint8(images[name][:config.sample.num_images]),
               os.path.join(workdir, f'samples{suffix}.png'), nrow, 2)

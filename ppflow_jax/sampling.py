@@ -18,11 +18,16 @@ Published behaviour, reproducible by config (`config.sample`):
   `guidance_stage`'s, the guidance pass is the *conditional* prediction with that coarser patch,
   v = v_c(p_guid) + s (v_c(p_cond) - v_c(p_guid)); elsewhere (p_cond = p_guid) it is standard CFG.
   Both passes share one packed forward (FlexiDiT appendix B.2, packing.bucketed_forward).
+
+Helpers beside the sampler: `index_noise` (sample i's noise and SDE key depend only on
+(seed, i), so results do not depend on batching), `sample_in_chunks` and `steady_seconds`
+(timing without compilation). `inference.Inference` builds samplers for a model's weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable
 
 import jax
@@ -263,3 +268,48 @@ def num_evaluations(schedule: stages_lib.Schedule, spec: SamplerSpec) -> list[in
   for seg in plan(schedule, spec):
     counts[seg.stage] += per_step * (seg.stop - seg.start) + seg.finish_pending + seg.begin_crossing
   return counts
+
+
+# -- running a sampler ----------------------------------------------------------------------------
+
+
+def index_noise(shape: tuple[int, int, int], indices: jax.Array,
+                seed: int) -> tuple[jax.Array, jax.Array]:
+  """indices: (n,) int sample indices -> noise (n, *shape) at t = 0 and SDE keys (n,).
+
+  Sample i's values depend only on (seed, i): `fold_in(key(seed), i)` split into noise and path.
+  """
+  def one(i):
+    k_noise, k_path = jax.random.split(jax.random.fold_in(jax.random.key(seed), i))
+    return jax.random.normal(k_noise, shape), k_path
+  return jax.vmap(one)(indices)
+
+
+def sample_in_chunks(sampler: Sampler, params, shape: tuple[int, int, int], labels: np.ndarray,
+                     seed: int, batch_size: int) -> tuple[np.ndarray, list[float]]:
+  """Samples latents (N, *shape) for `labels` (N,) in chunks of `batch_size`, sample i with
+  `index_noise(shape, i, seed)`. Returns (samples, seconds per chunk); the first chunk compiles
+  the stage programs, so callers timing the sampler use the later ones (`steady_seconds`)."""
+  noise, keys = index_noise(shape, jnp.arange(len(labels)), seed)
+  out, seconds = [], []
+  for i in range(0, len(labels), batch_size):
+    t0 = time.perf_counter()
+    x = sampler.sample(params, noise[i:i + batch_size], jnp.asarray(labels[i:i + batch_size]),
+                       keys[i:i + batch_size])
+    out.append(np.asarray(jax.block_until_ready(x)))
+    seconds.append(time.perf_counter() - t0)
+  return np.concatenate(out), seconds
+
+
+def steady_seconds(sampler: Sampler, params, shape: tuple[int, int, int], labels: np.ndarray,
+                   batch_size: int, seconds=(), repeats: int = 3) -> list[float]:
+  """Per-batch times without compilation: the full chunks after the first of `seconds` (from
+  `sample_in_chunks` over `labels`), topped up with fresh timed batches (after an untimed
+  compile run if nothing ran yet) until there are `repeats`."""
+  steady = list(seconds[1:len(labels) // batch_size])
+  first = labels[:batch_size]
+  if not seconds:
+    sample_in_chunks(sampler, params, shape, first, 0, batch_size)
+  while len(steady) < repeats:
+    steady.append(sample_in_chunks(sampler, params, shape, first, 0, batch_size)[1][0])
+  return steady

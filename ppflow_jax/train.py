@@ -6,7 +6,7 @@ shardings and donation, merges the model inside, and returns the new state: noth
 in place. The per-step randomness is `fold_in(rng, step)`, so a resumed run repeats exactly.
 
 A step whose loss or gradient is not finite leaves the state unchanged and reports it in
-`metrics['nonfinite']`; the loop stops on it (train_loop.py), so a bad state is never saved.
+`metrics['nonfinite']`; the loop stops on it (loop.py), so a bad state is never saved.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from ppflow_jax import flow
+from ppflow_jax import models
 from ppflow_jax import packing
 from ppflow_jax import sharding
 from ppflow_jax import stages as stages_lib
@@ -67,10 +68,8 @@ class Trainer:
                        "(data x fsdp); change the batch size or config.mesh")
     self.bucket_sizes = self.schedule.bucket_sizes(config.train.batch_size)
     self.tx = make_optimizer(config)
-    abstract = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
-    self.graphdef, abstract_state = nnx.split(abstract)
-    params_sharding = nnx.to_pure_dict(sharding.param_shardings(mesh, abstract_state))
-    abstract_params = nnx.to_pure_dict(abstract_state)
+    self.graphdef, abstract_params = models.abstract_params(config, mesh)
+    params_sharding = jax.tree.map(lambda a: a.sharding, abstract_params)
     opt_sharding = sharding.opt_state_shardings(
         self.tx, jax.eval_shape(self.tx.init, abstract_params), params_sharding, mesh)
     repl = sharding.replicated(mesh)

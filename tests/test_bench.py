@@ -10,13 +10,13 @@ import types
 
 import pytest
 
-from tests.helpers import ROOT
 from ppflow_jax import flops
 from ppflow_jax import sampling
 from ppflow_jax import stages as stages_lib
 from ppflow_jax.bench import common
 from ppflow_jax.bench import sample as bench_sample
 from ppflow_jax.bench import train as bench_train
+from tests.helpers import ROOT
 
 OPTS = dict(common.TINY, depth=1, hidden_size=32, dtype='float32', attention='auto', repeats=1,
             cfg_scale=1.5)

@@ -194,7 +194,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(reference, copy, en
   bad_step = int(p.stderr.split('NonFiniteLossError: step ')[1].split(':')[0])
   assert STEPS < bad_step <= STEPS + 20
   assert saved_steps(copy) == before  # nothing new, nothing deleted
-  state = checkpoint.restore_for_inference(copy, small_config(), trainer)
+  state = checkpoint.restore_for_inference(copy, small_config(), trainer.mesh)
   ref = read_state(reference, STEPS, trainer)
   assert int(state.step) == STEPS
   assert_bitwise_equal(ref['ema'], jax.device_get(state.ema), 'EMA of the last good checkpoint')
@@ -297,7 +297,7 @@ def test_shape_and_tree_mismatch_names_entries(reference):
     ckpt.restore_or_init(None)
   assert 'missing from the checkpoint' in str(e.value) and 'opt_state/' in str(e.value)
   # ... which inference does not care about.
-  state = checkpoint.restore_for_inference(reference, c, no_clip)
+  state = checkpoint.restore_for_inference(reference, c, no_clip.mesh)
   assert int(state.step) == STEPS and state.opt_state is None
 
 
@@ -327,7 +327,7 @@ def test_save_params_load_params_and_init_from(reference, trainer, tmp_path, cap
   params = read_state(reference, STEPS, trainer)['ema']
   path = checkpoint.save_params(str(tmp_path / 'imported'), params, c)
   assert path.endswith('converted_params')
-  loaded = checkpoint.load_params(str(tmp_path / 'imported'), c, trainer)
+  loaded = checkpoint.load_params(str(tmp_path / 'imported'), c, trainer.mesh)
   assert_bitwise_equal(params, jax.device_get(loaded), 'load_params')
   leaf = loaded['blocks'][0]['attn']['qkv']['kernel']
   assert leaf.sharding == trainer.state_sharding.params['blocks'][0]['attn']['qkv']['kernel']
@@ -340,13 +340,13 @@ def test_save_params_load_params_and_init_from(reference, trainer, tmp_path, cap
   assert_bitwise_equal(params, jax.device_get(state.ema), 'init_from EMA')
   assert 'starting at step 0 from the params of' in capsys.readouterr().out
   # The params dir also serves --mode=sample.
-  state = checkpoint.restore_for_inference(str(tmp_path / 'imported'), c, trainer)
+  state = checkpoint.restore_for_inference(str(tmp_path / 'imported'), c, trainer.mesh)
   assert_bitwise_equal(params, jax.device_get(state.ema), 'sampling from params')
 
   wrong = small_config()
   wrong.model.num_classes = 7
   with pytest.raises(checkpoint.ConfigMismatchError, match='num_classes: checkpoint 10, config 7'):
-    checkpoint.load_params(str(tmp_path / 'imported'), wrong, trainer)
+    checkpoint.load_params(str(tmp_path / 'imported'), wrong, trainer.mesh)
   with pytest.raises(FileExistsError):
     checkpoint.save_params(str(tmp_path / 'imported'), params, c)
 
@@ -354,12 +354,12 @@ def test_save_params_load_params_and_init_from(reference, trainer, tmp_path, cap
 def test_init_from_and_inference_errors(trainer, tmp_path):
   c = small_config()
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    checkpoint.load_init_params(str(tmp_path / 'nope.pt'), c, trainer)
+    checkpoint.load_init_params(str(tmp_path / 'nope.pt'), c, trainer.mesh)
   (tmp_path / 'weights.txt').write_text('x')
   with pytest.raises(ValueError, match='must be a directory written by'):
-    checkpoint.load_init_params(str(tmp_path / 'weights.txt'), c, trainer)
+    checkpoint.load_init_params(str(tmp_path / 'weights.txt'), c, trainer.mesh)
   with pytest.raises(FileNotFoundError, match='train first'):
-    checkpoint.restore_for_inference(str(tmp_path), c, trainer)
+    checkpoint.restore_for_inference(str(tmp_path), c, trainer.mesh)
 
 
 # -- other topologies ---------------------------------------------------------------------------
@@ -394,7 +394,7 @@ for name, n, fsdp, tensor in (('1', 1, 1, 1), ('2x4', 8, 2, 4)):
   ckpt.close()
   flat, want = checkpoint.flat_paths(got), checkpoint.flat_paths(checkpoint.state_dict(t.state_sharding))
   ref = checkpoint.flat_paths(saved)
-  inference = checkpoint.restore_for_inference(workdir, c, t)
+  inference = checkpoint.restore_for_inference(workdir, c, t.mesh)
   out[name] = dict(
       equal=all(np.array_equal(np.asarray(jax.device_get(v)), ref[p]) for p, v in flat.items()),
       inference_equal=all(np.array_equal(np.asarray(jax.device_get(v)), ref['ema/' + p])

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from tests.helpers import ROOT
 from ppflow_jax import config_lib, stages
+from tests.helpers import ROOT
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
 

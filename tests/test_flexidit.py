@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.helpers import tiny_config
 from ppflow_jax.experiments import flexidit
 from ppflow_jax import sampling
 from ppflow_jax import stages as stages_lib
 from ppflow_jax.models import build_model
+from tests.helpers import tiny_config
 
 
 def _model_params(config, seed=0):

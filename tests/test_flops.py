@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from tests.helpers import ROOT, tiny_config
 from ppflow_jax import config_lib
 from ppflow_jax import flops
 from ppflow_jax import sampling
 from ppflow_jax.models import build_model
+from tests.helpers import ROOT, tiny_config
 
 
 def paper_config(name: str, boundaries=None):

@@ -48,11 +48,11 @@ def test_quick_run(tmp_path):
   # transformer blocks of the saved init equal the SiT's.
   sit_cfg = mini_repro.make_config(recipe, 1, finetune=False)
   ppf_cfg = mini_repro.make_config(recipe, 2, finetune=True)
-  from ppflow_jax import sharding, train  # pylint: disable=g-import-not-at-top
-  sit = checkpoint.restore_for_inference(
-      os.path.join(workdir, 'sit'), sit_cfg, train.Trainer(sit_cfg, sharding.make_mesh(sit_cfg)))
+  from ppflow_jax import sharding  # pylint: disable=g-import-not-at-top
+  sit = checkpoint.restore_for_inference(os.path.join(workdir, 'sit'), sit_cfg,
+                                         sharding.make_mesh(sit_cfg))
   init = checkpoint.load_params(os.path.join(workdir, 'ppf2_init'), ppf_cfg,
-                                train.Trainer(ppf_cfg, sharding.make_mesh(ppf_cfg)))
+                                sharding.make_mesh(ppf_cfg))
   sit_flat = traverse_util.flatten_dict(sit.ema)
   init_flat = traverse_util.flatten_dict(init)
   blocks = [p for p in sit_flat if p[0] == 'blocks']

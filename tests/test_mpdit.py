@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.helpers import tiny_config
 from ppflow_jax import config_lib
 from ppflow_jax import sampling
 from ppflow_jax import sharding
 from ppflow_jax import train
 from ppflow_jax.models import build_model
 from ppflow_jax.models import mpdit
+from tests.helpers import tiny_config
 
 
 def tiny_mpdit(**model):

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.helpers import tiny_config
 from ppflow_jax import config_lib
 from ppflow_jax import packing
 from ppflow_jax import sharding
@@ -19,6 +18,7 @@ from ppflow_jax import train
 from ppflow_jax.models import build_model
 from ppflow_jax.models import dit
 from ppflow_jax.models import ppf
+from tests.helpers import tiny_config
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

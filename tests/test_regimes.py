@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tests.helpers import tiny_config
 from ppflow_jax import flow
 from ppflow_jax import stages as stages_lib
+from tests.helpers import tiny_config
 
 N = 20_000
 

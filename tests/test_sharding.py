@@ -17,8 +17,8 @@ import textwrap
 import jax
 import pytest
 
-from tests.helpers import ROOT, tiny_config
 from ppflow_jax import sharding
+from tests.helpers import ROOT, tiny_config
 
 _SCRIPT = textwrap.dedent('''
   import json, sys

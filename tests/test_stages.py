@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import tiny_config
 from ppflow_jax import config_lib, stages
+from tests.helpers import tiny_config
 
 
 def test_paper_schedules_and_boundary_lookup():

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tests.helpers import ROOT, tiny_config
 from ppflow_jax import flow, sharding
 from ppflow_jax.train import Trainer
+from tests.helpers import ROOT, tiny_config
 
 
 def fixture_batch(config, n=8, seed=0):

@@ -14,6 +14,7 @@ repeats; medians and spreads (min/max, IQR) are reported.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -21,8 +22,8 @@ from absl import app, flags
 from flax import nnx
 
 from ppflow_jax import flops
+from ppflow_jax import inference
 from ppflow_jax import sampling
-from ppflow_jax import stages as stages_lib
 from ppflow_jax.bench import common
 from ppflow_jax.models import build_model
 
@@ -35,9 +36,10 @@ def _segment_evals(seg: sampling.Segment, spec: sampling.SamplerSpec) -> int:
 def bench_model(name: str, opts: dict, spec: sampling.SamplerSpec, seed: int = 0) -> dict:
   """Times `opts['repeats']` sampling calls of model `name` after one warm-up call."""
   config = common.make_config(name, **opts)
-  schedule = stages_lib.from_config(config)
-  graphdef, state = nnx.split(build_model(config, nnx.Rngs(seed)))
-  sampler = sampling.Sampler(graphdef, schedule, spec, config.model.num_classes)
+  model = inference.Inference.from_params(
+      config, nnx.to_pure_dict(nnx.state(build_model(config, nnx.Rngs(seed)))))
+  schedule, state = model.schedule, model.params
+  sampler = model.sampler(**dataclasses.asdict(spec))
   b = opts['batch']
   k_noise, k_label = jax.random.split(jax.random.key(seed))
   noise = jax.random.normal(k_noise, (b, config.latent.height, config.latent.width,

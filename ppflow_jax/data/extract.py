@@ -227,8 +227,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  if not f.out:
-    raise app.UsageError('--out=DIR is required')
   if f.distributed:
     jax.distributed.initialize()
   run(f.config, f.out, shard_size=f.shard_size, per_device_batch=f.per_device_batch,
@@ -237,5 +235,5 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  flags.mark_flags_as_required(['config'])
+  flags.mark_flags_as_required(['config', 'out'])
   app.run(main)

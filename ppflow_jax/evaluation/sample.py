@@ -2,8 +2,8 @@
 
   python -m ppflow_jax.main --mode=sample_fid --config=configs/ppf_xl_2.py --workdir=DIR
 
-Sample i depends only on i: its noise and SDE key are `fold_in(key(config.seed), i)` (the
-convention of `report.initial_noise`) and its label is entry i of a label list fixed by
+Sample i depends only on i: its noise and SDE key are `fold_in(key(config.seed), i)`
+(`sampling.index_noise`) and its label is entry i of a label list fixed by
 (config.eval.labels, config.seed, N). So the result does not depend on the batch size, the
 device count or the number of processes, up to float rounding.
 
@@ -38,10 +38,8 @@ from jax.experimental import multihost_utils
 
 from ppflow_jax import checkpoint
 from ppflow_jax import config_lib
-from ppflow_jax import report
+from ppflow_jax import inference
 from ppflow_jax import sampling
-from ppflow_jax import sharding
-from ppflow_jax import train
 from ppflow_jax.models import vae as vae_lib
 
 SAMPLES_DIR = 'fid_samples'
@@ -50,21 +48,6 @@ _LABEL_STREAM = 1  # labels use fold 1 of config.seed, so they never correlate w
 
 
 # -- per-index randomness ---------------------------------------------------------------------
-
-
-def index_noise(config: ml_collections.ConfigDict, indices: jax.Array,
-                seed: int) -> tuple[jax.Array, jax.Array]:
-  """indices: (n,) int sample indices -> noise (n, H, W, C) and SDE keys (n,).
-
-  Sample i's values depend only on (seed, i); for indices 0..n-1 this is
-  `report.initial_noise(config, n, seed)`.
-  """
-  shape = (config.latent.height, config.latent.width, config.latent.channels)
-
-  def one(i):
-    k_noise, k_path = jax.random.split(jax.random.fold_in(jax.random.key(seed), i))
-    return jax.random.normal(k_noise, shape), k_path
-  return jax.vmap(one)(indices)
 
 
 def index_labels(mode: str, num_samples: int, num_classes: int, seed: int) -> np.ndarray:
@@ -160,34 +143,33 @@ def _chunk_done(path: str, fingerprint: str) -> bool:
   return True
 
 
-def generate(config: ml_collections.ConfigDict, trainer: train.Trainer, params, step: int,
-             out_dir: str, *, vae=None,
+def generate(model: inference.Inference, out_dir: str, *,
              on_chunk: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Samples config.eval.num_samples images into chunk files of `out_dir` (skipping finished
   ones) and returns (images uint8 (N, H', W', C'), labels (N,)) in index order on process 0,
   (None, None) on the others.
 
-  params: the model params (EMA) on `trainer`'s shardings; step: their training step (recorded
-  in each chunk, so chunks of another checkpoint are refused). on_chunk(c): called after chunk c
-  is saved (tests interrupt runs with it).
+  model: the weights to sample and their training step (recorded in each chunk, so chunks of
+  another checkpoint are refused). on_chunk(c): called after chunk c is saved (tests interrupt
+  runs with it).
   """
+  config = model.config
   n, bs = config.eval.num_samples, config.sample.batch_size
   if n <= 0:
     raise ValueError(f'config.eval.num_samples={n} must be positive')
-  if bs % trainer.batch_shards:
-    raise ValueError(f'config.sample.batch_size={bs} is not divisible by the {trainer.batch_shards}'
+  if bs % model.batch_shards:
+    raise ValueError(f'config.sample.batch_size={bs} is not divisible by the {model.batch_shards}'
                      ' batch shards of the mesh (data x fsdp); change it or config.mesh')
-  spec = sampling.SamplerSpec.from_config(config)
-  sampler = sampling.Sampler(trainer.graphdef, trainer.schedule, spec, config.model.num_classes)
+  sampler = model.sampler()
   labels = index_labels(config.eval.labels, n, config.model.num_classes, config.seed)
   padded_labels = np.concatenate([labels, np.zeros(num_chunks(n, bs) * bs - n, np.int32)])
-  fingerprint = _fingerprint(config, spec, step, n)
+  fingerprint = _fingerprint(config, sampler.spec, model.step, n)
   lead = jax.process_index() == 0
   if lead:
     os.makedirs(out_dir, exist_ok=True)
-  batch_sharding = trainer.batch_sharding['y']
-  noise_fn = jax.jit(lambda idx: index_noise(config, idx, config.seed),
-                     out_shardings=(trainer.batch_sharding['x'], batch_sharding))
+  batch_sharding = model.batch_sharding['y']
+  noise_fn = jax.jit(lambda idx: sampling.index_noise(model.latent_shape, idx, config.seed),
+                     out_shardings=(model.batch_sharding['x'], batch_sharding))
 
   todo = [c for c in range(num_chunks(n, bs)) if not _chunk_done(_chunk_path(out_dir, c),
                                                                   fingerprint)]
@@ -199,12 +181,12 @@ def generate(config: ml_collections.ConfigDict, trainer: train.Trainer, params, 
   logging.info('FID sampling: %d images, %d chunks of %d, %d to do -> %s', n, len(mask), bs,
                len(todo), out_dir)
   t0 = time.time()
-  with jax.set_mesh(trainer.mesh):
+  with jax.set_mesh(model.mesh):
     for k, c in enumerate(todo):
       idx = chunk_indices(c, bs)
       noise, keys = noise_fn(_global_rows(idx, batch_sharding, bs))
       y = _global_rows(padded_labels[idx], batch_sharding, bs)
-      x = report.decode(config, sampler.sample(params, noise, y, keys), vae)
+      x = model.decode(sampler.sample(model.params, noise, y, keys))
       images = multihost_utils.process_allgather(jnp.clip((x + 1.0) * 127.5 + 0.5, 0, 255)
                                                  .astype(jnp.uint8), tiled=True)
       keep = idx < n
@@ -327,13 +309,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   `samples_NxHxWxC.npz` and `eval_card.json` (process 0; other processes return {}).
   """
   config = config_lib.resolve(config)
-  trainer = train.Trainer(config, sharding.make_mesh(config))
-  state = checkpoint.restore_for_inference(workdir, config, trainer)
-  step = int(jax.device_get(state.step))
-  params = state.ema if config.sample.use_ema else state.params
+  model = inference.Inference.from_workdir(workdir, config, vae=vae_lib.for_config(config))
+  step = model.step
   out_dir = config.eval.out_dir or os.path.join(workdir, SAMPLES_DIR)
-  images, labels = generate(config, trainer, params, step, out_dir, vae=vae_lib.for_config(config),
-                            on_chunk=on_chunk)
+  images, labels = generate(model, out_dir, on_chunk=on_chunk)
   if images is None:
     return {}
   samples_file = os.path.join(out_dir, 'samples_{}.npz'.format('x'.join(map(str, images.shape))))

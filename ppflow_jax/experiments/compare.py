@@ -29,8 +29,8 @@ from absl import flags
 from absl import logging
 
 from ppflow_jax import config_lib
+from ppflow_jax import inference
 from ppflow_jax import loop
-from ppflow_jax import report
 from ppflow_jax import sampling
 
 
@@ -106,24 +106,26 @@ def run(workdir: str, steps: int = 0, num_samples: int = 1000, timing_repeats: i
     config = variant_config(v, steps, quick)
     vdir = os.path.join(workdir, v.train_as or v.name.replace(' ', '_'))
     if v.train_as:
-      trainer, state, train_s = trained[v.train_as]
+      model, train_s = trained[v.train_as]
     else:
       t0 = time.time()
       trainer, state = loop.train_and_evaluate(config, vdir)
       train_s = time.time() - t0
-      trained[v.name] = (trainer, state, train_s)
-    sampler = report.make_sampler(trainer, config, **dict(v.sample_overrides))
+      model = inference.Inference.from_trainer(trainer, state.ema, step=state.step)
+      trained[v.name] = (model, train_s)
+    sampler = model.sampler(**dict(v.sample_overrides))
     row = dict(variant=v.name, note=v.note, train_steps=config.train.steps,
                train_seconds=round(train_s, 1), final_loss=last_loss(vdir),
-               evaluations=sum(sampling.num_evaluations(trainer.schedule, sampler.spec)))
+               evaluations=sum(sampling.num_evaluations(model.schedule, sampler.spec)))
     labels = np.arange(num_samples, dtype=np.int32) % config.model.num_classes
-    seconds = ()
+    bs, seconds = config.sample.batch_size, ()
     if not sampler.spec.force_finest:  # a speed reference only (2x2 untrained at t <= 0.5)
-      images, seconds = report.sample_in_chunks(sampler, state.ema, config, labels, config.seed)
+      images, seconds = sampling.sample_in_chunks(sampler, model.params, model.latent_shape,
+                                                  labels, config.seed, bs)
       if evaluator is not None:
         row.update(evaluator.score(np.clip(images, -1.0, 1.0), labels))
-    row['sample_batch_seconds'] = float(np.median(report.steady_seconds(
-        sampler, state.ema, config, labels, seconds, timing_repeats)))
+    row['sample_batch_seconds'] = float(np.median(sampling.steady_seconds(
+        sampler, model.params, model.latent_shape, labels, bs, seconds, timing_repeats)))
     row['images_per_second'] = config.sample.batch_size / row['sample_batch_seconds']
     logging.info('compare: %s', row)
     rows.append(row)
@@ -163,9 +165,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def main(argv):
-  del argv
-  if not flags.FLAGS.workdir:
-    raise app.UsageError('--workdir is required')
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   run(f.workdir, f.steps, f.num_samples, f.timing_repeats, f.fid_cache, f.quick)
 
@@ -180,6 +181,7 @@ def define_flags() -> None:
                       "Fashion-MNIST classifier cache; '' = <workdir>/fmnist_classifier.")
   flags.DEFINE_bool('quick', False,
                     'Smoke test: 3 steps, 20 samples, 4 grid points, tiny classifier.')
+  flags.mark_flag_as_required('workdir')
 
 
 if __name__ == '__main__':

@@ -34,6 +34,7 @@ from absl import logging
 from ppflow_jax import checkpoint
 from ppflow_jax import config_lib
 from ppflow_jax import flops
+from ppflow_jax import inference
 from ppflow_jax import loop
 from ppflow_jax import report
 from ppflow_jax import sampling
@@ -99,14 +100,14 @@ def make_config(recipe: Recipe, num_stages: int, finetune: bool) -> ml_collectio
 
 
 def train_models(recipe: Recipe, workdir: str) -> dict:
-  """SiT for sit_steps, then PPF-2/3 from its EMA for finetune_steps -> {stages: (cfg, trainer,
-  ema params)}, plus {0: ...} for the untrained SiT. Finished runs are reloaded, not redone."""
+  """SiT for sit_steps, then PPF-2/3 from its EMA for finetune_steps -> {stages: Inference of
+  the EMA weights}, plus {0: ...} for the untrained SiT. Finished runs are reloaded, not redone."""
   models, seconds = {}, {}
   t0 = time.time()
   sit_cfg = make_config(recipe, 1, finetune=False)
   trainer, state = loop.train_and_evaluate(sit_cfg, os.path.join(workdir, _DIRS[1]))
-  models[1] = (sit_cfg, trainer, state.ema)
-  models[0] = (sit_cfg, trainer, trainer.init_state().ema)
+  models[1] = inference.Inference.from_trainer(trainer, state.ema, step=state.step)
+  models[0] = inference.Inference.from_trainer(trainer, trainer.init_state().ema)
   seconds['sit'] = time.time() - t0
   sit_ema = jax.device_get(state.ema)
   for stages in (2, 3):
@@ -117,7 +118,7 @@ def train_models(recipe: Recipe, workdir: str) -> dict:
       checkpoint.save_params(init_dir, init_from_sit(sit_ema, cfg), cfg)
     cfg.train.init_from = init_dir
     trainer, state = loop.train_and_evaluate(cfg, os.path.join(workdir, _DIRS[stages]))
-    models[stages] = (cfg, trainer, state.ema)
+    models[stages] = inference.Inference.from_trainer(trainer, state.ema, step=state.step)
     seconds[_DIRS[stages]] = time.time() - t0
   return models, seconds
 
@@ -131,24 +132,21 @@ def sample_interleaved(recipe: Recipe, models: dict, seed: int) -> tuple[dict, d
     raise ValueError(f'num_samples={n} must be a multiple (>= 2x) of sample_batch={bs}: the '
                      'first batch compiles and is not timed')
   labels = (np.arange(n) % 10).astype(np.int32)
-  samplers = {}  # the untrained SiT shares the SiT's compiled programs
-  for k, (cfg, trainer, _) in models.items():
-    if k != 0:
-      spec = sampling.SamplerSpec.from_config(cfg)
-      samplers[k] = sampling.Sampler(trainer.graphdef, trainer.schedule, spec, 10)
+  # the untrained SiT shares the SiT's compiled programs
+  samplers = {k: model.sampler() for k, model in models.items() if k != 0}
   samplers[0] = samplers[1]
   outs = {k: [] for k in models}
   times = {k: [] for k in models}
   for b in range(n // bs):
     idx = np.arange(b * bs, (b + 1) * bs)
-    for k, (cfg, _, params) in models.items():
+    for k, model in models.items():
       if k == 0 and b * bs >= recipe.floor_samples:
         continue
-      noise, keys = sample_lib.index_noise(cfg, idx, seed)
+      noise, keys = sampling.index_noise(model.latent_shape, idx, seed)
       y = jax.numpy.asarray(labels[idx])
       jax.block_until_ready((noise, keys, y))
       t0 = time.perf_counter()
-      x = jax.block_until_ready(samplers[k].sample(params, noise, y, keys))
+      x = jax.block_until_ready(samplers[k].sample(model.params, noise, y, keys))
       if b:  # batch 0 compiles
         times[k].append(time.perf_counter() - t0)
       outs[k].append(np.asarray(x))
@@ -165,7 +163,7 @@ def evaluate(recipe: Recipe, workdir: str, models: dict, seconds: dict) -> dict:
   seconds['sampling'] = time.time() - t0
   nf = recipe.floor_samples
   rows = []
-  for k, (cfg, _, _) in models.items():
+  for k, model in models.items():
     x = np.clip(images[k], -1.0, 1.0)
     row = dict(model='untrained SiT' if k == 0 else list(MODELS)[k - 1], stages=max(k, 1),
                train_steps=0 if k == 0 else (recipe.sit_steps if k == 1 else
@@ -173,18 +171,18 @@ def evaluate(recipe: Recipe, workdir: str, models: dict, seconds: dict) -> dict:
                fid_floor_n=evaluator.score(x[:nf], labels[:nf])['fid'])
     if k:
       scores = evaluator.score(x, labels[:len(x)])
-      spec = sampling.SamplerSpec.from_config(cfg)
+      spec = sampling.SamplerSpec.from_config(model.config)
       row.update(fid=scores['fid'], precision=scores['precision'], recall=scores['recall'],
                  label_accuracy=scores['accuracy_of_labels'],
                  seconds_per_batch=float(np.median(times[k])), timed_batches=len(times[k]),
-                 flops_ratio=float(flops.testing_flops_ratio(cfg, spec)),
-                 evaluations=sampling.num_evaluations(models[k][1].schedule, spec))
+                 flops_ratio=float(flops.testing_flops_ratio(model.config, spec)),
+                 evaluations=sampling.num_evaluations(model.schedule, spec))
     rows.append(row)
   base = next(r for r in rows if r['stages'] == 1 and r['train_steps'])
   for r in rows:
     if 'seconds_per_batch' in r:
       r['speedup'] = base['seconds_per_batch'] / r['seconds_per_batch']
-  cfg = models[1][0]
+  cfg = models[1].config
   result = dict(
       rows=rows, recipe=dataclasses.asdict(recipe), finetune_steps=recipe.finetune_steps,
       sampler=f'{cfg.sample.method}, {cfg.sample.num_steps} grid points, no guidance',
@@ -263,8 +261,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  if not f.workdir:
-    raise app.UsageError('--workdir is required')
   recipe = QUICK if f.quick else Recipe()
   if f.sit_steps:
     recipe = dataclasses.replace(recipe, sit_steps=f.sit_steps)
@@ -285,6 +281,7 @@ def define_flags() -> None:
   flags.DEFINE_integer('num_samples', 0, 'Override samples per model (0 = recipe).')
   flags.DEFINE_float('finetune_fraction', 0.0,
                      'Override PPF fine-tuning steps / SiT steps (0 = recipe: 0.1).')
+  flags.mark_flag_as_required('workdir')
 
 
 if __name__ == '__main__':
