@@ -44,19 +44,18 @@ from jax.experimental import multihost_utils
 
 from ppflow_jax import models
 from ppflow_jax import sharding
+from ppflow_jax.convert import torch_io
+from ppflow_jax.convert.torch_io import CheckpointMismatchError  # one class for every importer
 from ppflow_jax.train import Trainer, TrainState
 
 CHECKPOINTS = 'checkpoints'
 CORRUPT = 'checkpoints_corrupt'
-PARAMS_DIR = 'converted_params'        # same layout as `python -m ppflow_jax.convert` writes.
+# The one params-only format (imports, init_from, sampling without a run): orbax params in
+# PARAMS_DIR plus the resolved config in PARAMS_CONFIG, whose model fields every load checks.
+PARAMS_DIR = 'converted_params'
 PARAMS_CONFIG = 'params_config.json'
-TORCH_SUFFIXES = ('.pt', '.pth', '.bin', '.ckpt', '.safetensors')
 # Model fields that change how the model runs, not what its weights mean.
 UNGUARDED_FIELDS = ('model.attention', 'model.dtype')
-
-
-class CheckpointMismatchError(ValueError):
-  """The checkpoint's tree or array shapes differ from what the config builds."""
 
 
 class ConfigMismatchError(ValueError):
@@ -529,6 +528,7 @@ def load_params(directory: str, config: ml_collections.ConfigDict, mesh: jax.sha
     directory: the directory given to `save_params`, or its `converted_params/` itself.
   Raises:
     ConfigMismatchError / CheckpointMismatchError: written for another model.
+    FileNotFoundError: no params, or params without their model fields (params_config.json).
   """
   directory = os.path.abspath(directory)
   if os.path.basename(directory) == PARAMS_DIR:
@@ -537,11 +537,13 @@ def load_params(directory: str, config: ml_collections.ConfigDict, mesh: jax.sha
   if not os.path.isdir(path):
     raise FileNotFoundError(f'{directory} holds no {PARAMS_DIR}/: write it with '
                             'checkpoint.save_params or python -m ppflow_jax.convert')
-  saved = None
-  if os.path.exists(os.path.join(directory, PARAMS_CONFIG)):
-    with open(os.path.join(directory, PARAMS_CONFIG)) as f:
-      saved = json.load(f)
-  check_config(saved, config, f'the params in {path}')
+  fields = os.path.join(directory, PARAMS_CONFIG)
+  if not os.path.exists(fields):  # unguarded params could belong to any model
+    raise FileNotFoundError(f'{fields} is missing: the params in {path} were written without '
+                            'the model fields that say which model they belong to. Write them '
+                            'again with checkpoint.save_params or python -m ppflow_jax.convert.')
+  with open(fields) as f:
+    check_config(json.load(f), config, f'the params in {path}')
   target = params_target(config, mesh)
   with ocp.StandardCheckpointer() as ckpt:
     check_tree(ckpt.metadata(path).item_metadata, target, f'the params in {path}')
@@ -556,10 +558,10 @@ def load_init_params(init_from: str, config: ml_collections.ConfigDict,
     return load_params(init_from, config, mesh)
   if not os.path.exists(init_from):
     raise FileNotFoundError(f'config.train.init_from={init_from!r} does not exist')
-  if not init_from.endswith(TORCH_SUFFIXES):
+  if not init_from.endswith(torch_io.WEIGHT_SUFFIXES):
     raise ValueError(f'config.train.init_from={init_from!r} must be a directory written by '
                      f'checkpoint.save_params / python -m ppflow_jax.convert, or a weight file '
-                     f'ending in one of {TORCH_SUFFIXES}')
+                     f'ending in one of {torch_io.WEIGHT_SUFFIXES}')
   from ppflow_jax.convert import params_for_init  # pylint: disable=g-import-not-at-top
   shardings = jax.tree.map(lambda a: a.sharding, params_target(config, mesh))
   return jax.device_put(params_for_init(init_from, config), shardings)

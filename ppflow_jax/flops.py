@@ -21,8 +21,9 @@ paper's "Testing FLOPs (%)" is that sum relative to the same model forced to its
 every evaluation (= SiT). CFG's unconditional pass is excluded from the ratio (it doubles both
 sides when every stage is guided); `sampling_flops` reports the with-CFG count separately.
 
-Variants plug in their own per-forward count with `@register('name')` (dispatch on
-`config.model.variant`); everything above the per-forward count is shared.
+Every model variant has its per-forward count registered with `@register('name')` (dispatch on
+`config.model.variant`: 'ppf' here, 'mpdit' from models/mpdit.py); everything above the
+per-forward count is shared. Each public function resolves a copy of the config once.
 
   python -m ppflow_jax.flops --config=configs/ppf_xl_2.py [--json]
 """
@@ -43,6 +44,7 @@ from ppflow_jax import packing
 from ppflow_jax import sampling
 from ppflow_jax import stages as stages_lib
 from ppflow_jax.models import dit
+from ppflow_jax.models import mpdit
 
 # variant -> f(resolved config, stage) -> {term name: MACs of one forward of one sample}.
 ForwardCounter = Callable[[ml_collections.ConfigDict, int], dict[str, int]]
@@ -94,11 +96,26 @@ def ppf_forward_macs(config: ml_collections.ConfigDict, stage: int) -> dict[str,
               final_linear=tokens * d * out_dim)
 
 
+@register('mpdit')
+def mpdit_forward_macs(config: ml_collections.ConfigDict, stage: int) -> dict[str, int]:
+  """MACs per term of one MPDiT forward of one sample (one stage; attention at real lengths)."""
+  del stage  # MPDiT has one schedule stage
+  return mpdit.forward_macs_terms(config, attention='exact')
+
+
 # -- public API -----------------------------------------------------------------------------------
 
-def _resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A resolved copy (size presets filled, validated); the caller's config is left untouched."""
-  return config_lib.resolve(copy.deepcopy(config))
+@dataclasses.dataclass(frozen=True)
+class _Model:
+  """A resolved copy of the caller's config (left untouched) and its schedule, built once per
+  public call and passed to the counting functions below."""
+  config: ml_collections.ConfigDict
+  schedule: stages_lib.Schedule
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict) -> '_Model':
+    config = config_lib.resolve(copy.deepcopy(config))
+    return cls(config, stages_lib.from_config(config))
 
 
 def _counter(config: ml_collections.ConfigDict) -> ForwardCounter:
@@ -114,15 +131,17 @@ def forward_flops(config: ml_collections.ConfigDict, stage: int) -> dict:
 
   `terms` maps each counted matrix product (see the module docstring) to its MACs.
   """
-  config = _resolved(config)
-  schedule = stages_lib.from_config(config)
-  if not 0 <= stage < len(schedule):
-    raise ValueError(f'stage {stage} does not exist: the schedule has {len(schedule)} stages '
-                     f'(0 = coarsest .. {len(schedule) - 1} = finest)')
-  terms = _counter(config)(config, stage)
+  return _forward(_Model.of(config), stage)
+
+
+def _forward(m: _Model, stage: int) -> dict:
+  if not 0 <= stage < len(m.schedule):
+    raise ValueError(f'stage {stage} does not exist: the schedule has {len(m.schedule)} stages '
+                     f'(0 = coarsest .. {len(m.schedule) - 1} = finest)')
+  terms = _counter(m.config)(m.config, stage)
   macs = sum(terms.values())
-  return dict(stage=stage, patch=schedule.stages[stage].patch, tokens=schedule.num_tokens(stage),
-              macs=macs, flops=2 * macs, terms=terms)
+  return dict(stage=stage, patch=m.schedule.stages[stage].patch,
+              tokens=m.schedule.num_tokens(stage), macs=macs, flops=2 * macs, terms=terms)
 
 
 def sampling_flops(config: ml_collections.ConfigDict,
@@ -134,9 +153,12 @@ def sampling_flops(config: ml_collections.ConfigDict,
   them (`sampling.num_evaluations`); `passes` adds CFG's unconditional pass where a segment is
   guided (a stage whose scale is 1.0 runs one pass with `skip_unit_cfg`).
   """
-  config = _resolved(config)
-  spec = spec or sampling.SamplerSpec.from_config(config)
-  schedule = stages_lib.from_config(config)
+  m = _Model.of(config)
+  return _sampling(m, spec or sampling.SamplerSpec.from_config(m.config))
+
+
+def _sampling(m: _Model, spec: sampling.SamplerSpec) -> dict:
+  schedule = m.schedule
   evals = sampling.num_evaluations(schedule, spec)
   per_step = 2 if spec.method == 'heun' else 1
   passes = [0] * len(schedule)
@@ -145,7 +167,7 @@ def sampling_flops(config: ml_collections.ConfigDict,
     passes[seg.stage] += n * (2 if seg.guided else 1)
   rows = []
   for s in range(len(schedule)):
-    fwd = forward_flops(config, s)
+    fwd = _forward(m, s)
     rows.append(dict(stage=s, patch=fwd['patch'], tokens=fwd['tokens'], evaluations=evals[s],
                      passes=passes[s], forward_flops=fwd['flops'],
                      flops=evals[s] * fwd['flops']))
@@ -160,21 +182,26 @@ def testing_flops_ratio(config: ml_collections.ConfigDict,
 
   The paper's "Testing FLOPs (%)" / 100. `cfg=True` counts CFG passes on both sides instead.
   """
-  config = _resolved(config)
-  spec = spec or sampling.SamplerSpec.from_config(config)
+  m = _Model.of(config)
+  return _testing_ratio(m, spec or sampling.SamplerSpec.from_config(m.config), cfg)
+
+
+def _testing_ratio(m: _Model, spec: sampling.SamplerSpec, cfg: bool) -> float:
   key = 'flops_with_cfg' if cfg else 'flops'
-  ours = sampling_flops(config, dataclasses.replace(spec, force_finest=False))[key]
-  finest = sampling_flops(config, dataclasses.replace(spec, force_finest=True))[key]
+  ours = _sampling(m, dataclasses.replace(spec, force_finest=False))[key]
+  finest = _sampling(m, dataclasses.replace(spec, force_finest=True))[key]
   return ours / finest
 
 
 def time_weighted_ratio(config: ml_collections.ConfigDict) -> float:
   """The ratio with each stage weighted by its time range (the limit of infinitely many steps)."""
-  config = _resolved(config)
-  schedule = stages_lib.from_config(config)
-  finest = forward_flops(config, len(schedule) - 1)['flops']
-  return sum((s.t_end - s.t_start) * forward_flops(config, s.index)['flops']
-             for s in schedule.stages) / finest
+  return _time_weighted(_Model.of(config))
+
+
+def _time_weighted(m: _Model) -> float:
+  finest = _forward(m, len(m.schedule) - 1)['flops']
+  return sum((s.t_end - s.t_start) * _forward(m, s.index)['flops']
+             for s in m.schedule.stages) / finest
 
 
 def training_flops(config: ml_collections.ConfigDict, batch_size: int | None = None) -> dict:
@@ -185,18 +212,21 @@ def training_flops(config: ml_collections.ConfigDict, batch_size: int | None = N
   attention of a packed row then costs the full row length squared and padding tokens are
   computed too (kernels with block-sparse masks, splash/pallas, skip most of that).
   """
-  config = _resolved(config)
-  schedule = stages_lib.from_config(config)
+  return _training(_Model.of(config), batch_size)
+
+
+def _training(m: _Model, batch_size: int | None) -> dict:
+  config, schedule = m.config, m.schedule
   batch = batch_size or config.train.batch_size
   sizes = schedule.bucket_sizes(batch)
-  fwd = [forward_flops(config, s) for s in range(len(schedule))]
+  fwd = [_forward(m, s) for s in range(len(schedule))]
   per_image = 3 * sum(n * f['flops'] for n, f in zip(sizes, fwd)) / batch
   finest = 3 * fwd[-1]['flops']
   out = dict(bucket_sizes=sizes, flops_per_image=per_image, finest_flops_per_image=finest,
              ratio=per_image / finest)
   if config.model.variant == 'ppf' and len(schedule) > 1:
-    m = config.model
-    d, hidden = m.hidden_size, int(m.hidden_size * m.mlp_ratio)
+    mc = config.model
+    d, hidden = mc.hidden_size, int(mc.hidden_size * mc.mlp_ratio)
     lengths = [f['tokens'] for f in fwd]
     plan = packing.make_plan(sizes, tuple(lengths))
     row = plan.row_length
@@ -204,27 +234,27 @@ def training_flops(config: ml_collections.ConfigDict, batch_size: int | None = N
     for s, (n, length) in enumerate(zip(sizes, lengths)):
       rows = plan.rows(s)
       per_token = 4 * d * d + 2 * d * hidden
-      extra += m.depth * (2 * d * (rows * row * row - n * length * length)
-                          + per_token * (rows * row - n * length))
+      extra += mc.depth * (2 * d * (rows * row * row - n * length * length)
+                           + per_token * (rows * row - n * length))
     out['packed_dense_flops_per_image'] = per_image + 3 * 2 * extra / batch
   return out
 
 
 def report(config: ml_collections.ConfigDict, spec: sampling.SamplerSpec | None = None) -> dict:
   """Everything the CLI prints, as plain JSON-able values."""
-  config = _resolved(config)
+  m = _Model.of(config)
+  config = m.config
   spec = spec or sampling.SamplerSpec.from_config(config)
-  run = sampling_flops(config, spec)
+  run = _sampling(m, spec)
   for row in run['stages']:
     row['patch'] = list(row['patch'])
-  ratio = testing_flops_ratio(config, spec)
+  ratio = _testing_ratio(m, spec, cfg=False)
   return dict(variant=config.model.variant, size=config.model.size,
               latent=[config.latent.height, config.latent.width, config.latent.channels],
               sampler=dataclasses.asdict(spec), convention='FLOPs = 2 x multiply-adds, per sample',
               sampling=run, testing_flops_ratio=ratio, speedup_bound=1.0 / ratio,
-              testing_flops_ratio_with_cfg=testing_flops_ratio(config, spec, cfg=True),
-              time_weighted_ratio=time_weighted_ratio(config),
-              training=training_flops(config))
+              testing_flops_ratio_with_cfg=_testing_ratio(m, spec, cfg=True),
+              time_weighted_ratio=_time_weighted(m), training=_training(m, None))
 
 
 def format_table(rep: dict) -> str:

@@ -50,8 +50,9 @@ class OnlineEncoder:
 
   def __init__(self, config: ml_collections.ConfigDict, trainer: Trainer):
     from flax import nnx  # pylint: disable=g-import-not-at-top
+    from ppflow_jax.convert import vae as vae_weights  # pylint: disable=g-import-not-at-top
     from ppflow_jax.models import vae  # pylint: disable=g-import-not-at-top
-    graphdef, self.state = nnx.split(vae.load_diffusers_vae(config.vae.path))
+    graphdef, self.state = nnx.split(vae_weights.load_diffusers_vae(config.vae.path))
     scale, self.seed = config.vae.scaling_factor, config.seed
 
     def encode(state, images, key):

@@ -20,7 +20,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from ppflow_jax import config_lib
-from ppflow_jax.models import vae as vae_lib
+from ppflow_jax.convert import vae as vae_weights
 
 
 def define_flags() -> None:
@@ -63,7 +63,7 @@ def run(config, workdir: str, mode: str) -> None:
   if mode == 'train':
     trainer, state = loop.train_and_evaluate(config, workdir)
   elif mode == 'sample':
-    model = inference.Inference.from_workdir(workdir, config, vae=vae_lib.for_config(config))
+    model = inference.Inference.from_workdir(workdir, config, vae=vae_weights.for_config(config))
     report.save_sample_grid(model, os.path.join(workdir, 'samples.png'))
     logging.info('wrote %s', os.path.join(workdir, 'samples.png'))
     return
@@ -73,7 +73,7 @@ def run(config, workdir: str, mode: str) -> None:
     return
   if jax.process_index() == 0 and config.train.final_report:
     model = inference.Inference.from_trainer(trainer, state.ema, step=state.step,
-                                             vae=vae_lib.for_config(config))
+                                             vae=vae_weights.for_config(config))
     result = report.final_report(model, workdir, evaluator=fmnist_evaluator(config, workdir))
     logging.info('report: %s', json.dumps(result))
     print(open(os.path.join(workdir, 'report.md')).read())

@@ -349,6 +349,10 @@ def test_save_params_load_params_and_init_from(reference, trainer, tmp_path, cap
     checkpoint.load_params(str(tmp_path / 'imported'), wrong, trainer.mesh)
   with pytest.raises(FileExistsError):
     checkpoint.save_params(str(tmp_path / 'imported'), params, c)
+  # Params without their model fields are never loaded unguarded.
+  os.remove(tmp_path / 'imported' / checkpoint.PARAMS_CONFIG)
+  with pytest.raises(FileNotFoundError, match='params_config.json is missing'):
+    checkpoint.load_params(str(tmp_path / 'imported'), c, trainer.mesh)
 
 
 def test_init_from_and_inference_errors(trainer, tmp_path):

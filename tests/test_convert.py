@@ -263,9 +263,15 @@ def test_params_for_init_and_cli(tmp_path, sit_file):
   run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert run.returncode == 0, run.stderr[-3000:]
-  from configs import ppf_b_2  # pylint: disable=g-import-not-at-top
-  local = config_lib.resolve(ppf_b_2.get_config('runlocal'))
-  restored = flat(convert.params_for_init(workdir, local))
+  from ppflow_jax import checkpoint, sharding  # pylint: disable=g-import-not-at-top
+  local = config_lib.resolve(config_lib.load_config('configs/ppf_b_2.py:runlocal'))
+  # The CLI writes the one params format with its model fields: the guarded load reads it ...
+  restored = flat(jax.device_get(checkpoint.load_params(workdir, local, sharding.make_mesh(local))))
+  # ... and refuses it for another model.
+  other = config_lib.resolve(config_lib.load_config('configs/ppf_b_2.py:runlocal'))
+  other.model.num_classes = 7
+  with pytest.raises(checkpoint.ConfigMismatchError, match='num_classes'):
+    checkpoint.load_params(workdir, other, sharding.make_mesh(other))
   expect = flat(convert.init_from_sit(path, local))
   assert restored.keys() == expect.keys()
   for k in expect:

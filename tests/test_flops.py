@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import subprocess
@@ -144,3 +145,22 @@ def test_cli_table_and_json():
   assert [r['tokens'] for r in rep['sampling']['stages']] == [64, 256]
   assert rep['testing_flops_ratio'] == pytest.approx(0.583, abs=0.001)
   assert rep['time_weighted_ratio'] == pytest.approx(0.621, abs=0.001)
+
+
+@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py'))),
+                         ids=os.path.basename)
+def test_report_for_every_config(path):
+  """What `python -m ppflow_jax.flops --config=X` prints, for every config file (MPDiT included)."""
+  rep = flops.report(config_lib.load_config(path))
+  assert rep['sampling']['flops'] > 0 and 0 < rep['testing_flops_ratio'] <= 1.0
+  assert 'testing FLOPs vs finest patch' in flops.format_table(rep)
+
+
+def test_mpdit_dispatch_counts_its_own_forward():
+  from ppflow_jax.models import mpdit  # pylint: disable=g-import-not-at-top
+  c = config_lib.resolve(paper_config('mpdit_b'))
+  assert flops.forward_flops(c, 0)['macs'] == mpdit.mpdit_forward_flops(c, 'exact')
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-m', 'ppflow_jax.flops', '--config=configs/mpdit_b.py'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and 'mpdit-B' in out.stdout, out.stderr[-2000:]

@@ -10,6 +10,8 @@ torch = pytest.importorskip('torch')
 nn = torch.nn
 F = torch.nn.functional
 
+from ppflow_jax.convert import inception as inception_weights  # noqa: E402
+from ppflow_jax.convert.torch_io import CheckpointMismatchError  # noqa: E402
 from ppflow_jax.evaluation import inception  # noqa: E402
 
 
@@ -185,7 +187,7 @@ def test_parity_with_pytorch(torch_model_file):
   with torch.no_grad():
     t_pool, t_spatial, t_logits = (
         t.numpy() for t in model(torch.from_numpy(images).permute(0, 3, 1, 2).float()))
-  flax_model = inception.load_pytorch_fid_weights(path)
+  flax_model = inception_weights.load_pytorch_fid_weights(path)
   out = inception.extract_features(flax_model, [images], batch_size=2)
   assert out['pool'].shape == (2, 2048) and out['spatial'].shape == (2, 17 * 17 * 7)
   assert out['logits'].shape == (2, 1008)
@@ -203,8 +205,8 @@ def test_importer_reports_bad_keys(torch_model_file, tmp_path):
   sd['fc.weight'] = torch.zeros(1000, 2048)
   path = tmp_path / 'bad.pth'
   torch.save(sd, path)
-  with pytest.raises(ValueError) as e:
-    inception.load_pytorch_fid_weights(str(path))
+  with pytest.raises(CheckpointMismatchError) as e:  # the one class of every importer
+    inception_weights.load_pytorch_fid_weights(str(path))
   msg = str(e.value)
   assert 'Mixed_7c.branch_pool.conv.weight' in msg and 'AuxLogits.fc.weight' in msg
   assert 'fc.weight: file (1000, 2048)' in msg
@@ -215,8 +217,8 @@ def test_safetensors_import_matches_pth(torch_model_file, tmp_path):
   model, path = torch_model_file
   st = tmp_path / 'w.safetensors'
   save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(st))
-  a = inception.load_pytorch_fid_weights(path)
-  b = inception.load_pytorch_fid_weights(str(st))
+  a = inception_weights.load_pytorch_fid_weights(path)
+  b = inception_weights.load_pytorch_fid_weights(str(st))
   np.testing.assert_array_equal(np.asarray(a.Mixed_6d.branch1x1.conv.kernel[...]),
                                 np.asarray(b.Mixed_6d.branch1x1.conv.kernel[...]))
 
@@ -244,7 +246,7 @@ def test_bad_input_is_rejected():
   with pytest.raises(ValueError, match='RGB'):
     inception.preprocess(np.zeros((1, 32, 32, 1), np.uint8))
   with pytest.raises(FileNotFoundError, match='pt_inception'):
-    inception.load_pytorch_fid_weights('/nonexistent/weights.pth')
+    inception_weights.load_pytorch_fid_weights('/nonexistent/weights.pth')
 
 
 @pytest.mark.slow
@@ -254,7 +256,7 @@ def test_evaluate_end_to_end(torch_model_file, tmp_path):
   rng = np.random.default_rng(2)
   ref_images = rng.integers(0, 256, size=(5, 64, 64, 3), dtype=np.uint8)
   # Batch size 3 everywhere (5 images: one padded batch) so one program is compiled.
-  feats = inception.extract_features(inception.load_pytorch_fid_weights(path),
+  feats = inception.extract_features(inception_weights.load_pytorch_fid_weights(path),
                                      [ref_images[:3], ref_images[3:]], 3)
   mu, sigma = metrics.feature_stats(feats['pool'])
   mu_s, sigma_s = metrics.feature_stats(feats['spatial'])
@@ -271,7 +273,7 @@ def test_evaluate_end_to_end(torch_model_file, tmp_path):
   other = evaluate.evaluate(other_path, ref_path, path, batch_size=3)
   # Random weights give tiny feature variances, so compare with a direct computation.
   other_feats = inception.extract_features(
-      inception.load_pytorch_fid_weights(path), [other_images[:3], other_images[3:]], 3)
+      inception_weights.load_pytorch_fid_weights(path), [other_images[:3], other_images[3:]], 3)
   expected_fid = metrics.fid(*metrics.feature_stats(other_feats['pool']), mu, sigma)
   expected_sfid = metrics.fid(*metrics.feature_stats(other_feats['spatial']), mu_s, sigma_s)
   assert expected_fid > 1e6 * abs(same['fid']) and expected_sfid > 1e6 * abs(same['sfid'])

@@ -44,7 +44,7 @@ LAYERS = (
     ('ppflow_jax.flops', 'ppflow_jax.checkpoint'),
     ('ppflow_jax.inference',),
     ('ppflow_jax.report', 'ppflow_jax.loop', 'ppflow_jax.evaluation.'),
-    ('ppflow_jax.main', 'ppflow_jax.bench.', 'ppflow_jax.experiments.'),
+    ('ppflow_jax.main', 'ppflow_jax.convert.__main__', 'ppflow_jax.bench.', 'ppflow_jax.experiments.'),
 )
 
 

@@ -1,13 +1,18 @@
-"""Importing pretrained PyTorch weights (SiT, DiT, official PPFlow) into `PPFModel` params.
+"""Importing pretrained PyTorch weights: SiT, DiT and official PPFlow into `PPFModel` params
+(here), the SD VAE (`convert/vae.py`) and the FID Inception (`convert/inception.py`).
 
-- `load_torch_checkpoint(path, config)`: a .pt/.pth/.bin/.safetensors file whose layout matches
-  the config (SiT/DiT -> one stage; official PPF-XL-2/3 -> the same 2/3 stages) -> params.
+Every file is read by one safe reader (`torch_io.read_state_dict`: `torch.load(weights_only=True)`
+or safetensors) and every importer raises the same errors: `UnsafeCheckpointError` for a pickle
+that needs code, `CheckpointMismatchError` for names or shapes that do not fit the config.
+
+- `load_torch_checkpoint(path, config)`: a .pt/.pth/.bin/.ckpt/.safetensors file whose layout
+  matches the config (SiT/DiT -> one stage; official PPF-XL-2/3 -> the same 2/3 stages) -> params.
 - `init_from_sit(path_or_params, config)`: a multi-stage PPF initialised from SiT (paper §3.3).
-- `params_for_init(path, config)`: what `--config.train.init_from=PATH` means (a file or a
-  workdir written by `python -m ppflow_jax.convert`).
-- `save_params` / `restore_params`: the params-only orbax checkpoint the CLI writes.
+- `params_for_init(path, config)`: what `--config.train.init_from=FILE` means for a weight file.
 
 Params are pure dicts (`nnx.to_pure_dict` layout) of numpy arrays in config.model.param_dtype.
+They are stored in the one params-only format, `checkpoint.save_params` (with the model fields
+that `checkpoint.load_params` checks); `python -m ppflow_jax.convert` writes it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from ppflow_jax.convert import sit as sit_lib
@@ -25,13 +29,11 @@ from ppflow_jax.convert import torch_io
 from ppflow_jax.convert.init_from_sit import expand_sit_params
 from ppflow_jax.convert.init_from_sit import init_from_sit
 from ppflow_jax.convert.init_from_sit import sit_params_from_state
-from ppflow_jax.convert.sit import CheckpointMismatchError
+from ppflow_jax.convert.torch_io import CheckpointMismatchError
 from ppflow_jax.convert.torch_io import UnsafeCheckpointError
 
-PARAMS_DIR = 'converted_params'
-
 __all__ = ['CheckpointMismatchError', 'UnsafeCheckpointError', 'init_from_sit', 'load_model',
-           'load_torch_checkpoint', 'params_for_init', 'restore_params', 'save_params']
+           'load_torch_checkpoint', 'params_for_init']
 
 
 def load_torch_checkpoint(path: str | os.PathLike, config: ml_collections.ConfigDict) -> dict:
@@ -46,42 +48,15 @@ def load_model(path: str | os.PathLike, config: ml_collections.ConfigDict) -> nn
   return nnx.merge(graphdef, jax.tree.map(jnp.asarray, load_torch_checkpoint(path, config)))
 
 
-def save_params(params: dict, workdir: str) -> str:
-  """Writes params-only orbax checkpoint `workdir/converted_params`; returns its path."""
-  path = os.path.abspath(os.path.join(workdir, PARAMS_DIR))
-  if os.path.exists(path):
-    raise FileExistsError(f'{path} exists; remove it or pick another --workdir')
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(path, params)
-  return path
-
-
-def restore_params(path: str, config: ml_collections.ConfigDict) -> dict:
-  """Params saved by `save_params` (`path`: the workdir or its converted_params dir)."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, PARAMS_DIR)):
-    path = os.path.join(path, PARAMS_DIR)
-  abstract = nnx.to_pure_dict(nnx.state(sit_lib.abstract_model(config)))
-  with ocp.StandardCheckpointer() as ckpt:
-    try:
-      return ckpt.restore(path, abstract)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      why = str(e).split(' Metadata keys')[0]  # orbax appends every stored key: too long.
-      raise ValueError(f'{path} is not converted params of the model of this config (convert '
-                       f'again with the same --config): {why}') from e
-
-
 def params_for_init(path: str | os.PathLike, config: ml_collections.ConfigDict, *,
                     seed: int | None = None) -> dict:
-  """Initial params for training from `path` (what `config.train.init_from` names).
+  """Initial params for training from a SiT/DiT/PPFlow weight file (`config.train.init_from`;
+  a directory of converted params is `checkpoint.load_init_params`'s other case).
 
-  A directory: params written by the converter CLI. A SiT/DiT file with a multi-stage config:
-  `init_from_sit` (seed: for the fresh level embedding, default config.seed). Any other file:
-  a direct load, which must match the config's layout.
+  A SiT/DiT file with a multi-stage config: `init_from_sit` (seed: for the fresh level
+  embedding, default config.seed). Any other file: a direct load, which must match the config.
   """
   path = os.fspath(path)
-  if os.path.isdir(path):
-    return restore_params(path, config)
   state = torch_io.read_state_dict(path)
   if sit_lib.detect_layout(state).kind == 'sit' and len(config.schedule.patch_sizes) > 1:
     return expand_sit_params(sit_params_from_state(state, config, source=path), config, seed=seed)

@@ -1,10 +1,12 @@
-"""CLI: convert a PyTorch SiT/DiT/PPFlow weight file into an orbax params checkpoint.
+"""CLI: convert a PyTorch SiT/DiT/PPFlow weight file into the params-only checkpoint format.
 
   python -m ppflow_jax.convert --config=configs/ppf_xl_2.py \
       --torch_checkpoint=SiT-XL-2-256x256.pt --workdir=DIR --init_from_sit
 
-writes DIR/converted_params (params only, the pure-dict layout of `PPFModel(config)`); train from
-it with `python -m ppflow_jax.main --config=<same config> --config.train.init_from=DIR ...`.
+writes DIR/converted_params (params only, the pure-dict layout of `PPFModel(config)`) and
+DIR/params_config.json (the model fields every restore checks), with `checkpoint.save_params`;
+train from it with `python -m ppflow_jax.main --config=<same config> --config.train.init_from=DIR`,
+or sample it with `--workdir=DIR --mode=sample`.
 """
 
 from __future__ import annotations
@@ -17,35 +19,39 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ppflow_jax import checkpoint
 from ppflow_jax import config_lib
 from ppflow_jax import convert
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config of the target model.')
-_CHECKPOINT = flags.DEFINE_string('torch_checkpoint', None,
-                                  'A .pt/.pth/.bin (loaded with weights_only=True) or '
-                                  '.safetensors SiT/DiT/official PPFlow weight file.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output: DIR/converted_params is written.')
-_INIT_FROM_SIT = flags.DEFINE_bool(
-    'init_from_sit', False,
-    'Initialise a multi-stage PPF from a SiT/DiT file (paper §3.3) instead of a direct load.')
-flags.mark_flags_as_required(['config', 'torch_checkpoint', 'workdir'])
+
+def define_flags() -> None:
+  """The command line's flags."""
+  config_flags.DEFINE_config_file('config', None, 'Config of the target model.')
+  flags.DEFINE_string('torch_checkpoint', None, 'A .pt/.pth/.bin/.ckpt (loaded with '
+                      'weights_only=True) or .safetensors SiT/DiT/official PPFlow weight file.')
+  flags.DEFINE_string('workdir', None, 'Output: DIR/converted_params is written.')
+  flags.DEFINE_bool('init_from_sit', False, 'Initialise a multi-stage PPF from a SiT/DiT file '
+                    '(paper §3.3) instead of a direct load.')
+  flags.mark_flags_as_required(['config', 'torch_checkpoint', 'workdir'])
 
 
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = config_lib.resolve(_CONFIG.value)
-  path = _CHECKPOINT.value
-  if _INIT_FROM_SIT.value:
+  f = flags.FLAGS
+  config = config_lib.resolve(f.config)
+  path = f.torch_checkpoint
+  if f.init_from_sit:
     params = convert.init_from_sit(path, config)
   else:
     params = convert.load_torch_checkpoint(path, config)
-  out = convert.save_params(params, _WORKDIR.value)
+  out = checkpoint.save_params(f.workdir, params, config)
   count = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
   logging.info('wrote %s (%d parameters) from %s; train with --config.train.init_from=%s',
-               out, count, path, _WORKDIR.value)
+               out, count, path, f.workdir)
   print(out)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

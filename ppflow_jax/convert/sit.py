@@ -27,6 +27,7 @@ from flax import nnx
 from flax import traverse_util
 
 from ppflow_jax import config_lib
+from ppflow_jax.convert.torch_io import CheckpointMismatchError
 from ppflow_jax.models import build_model
 
 # Space-to-depth factors (rows, cols) of the official PPFlow levels, coarsest first.
@@ -35,10 +36,6 @@ _PPF_MARKERS = ('x_embedder.proj1.', 'x_embedder.proj2.', 'final_layer.linear1.'
                 'final_layer.linear2.', 'level_embedder.', 'pos_embed.')
 POS_TOLERANCE = 1e-5
 _COARSE_KEY = re.compile(r'(x_embedder\.proj|final_layer\.linear)\d')
-
-
-class CheckpointMismatchError(ValueError):
-  """A state dict that does not fit the model of the config (every problem listed)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""Safe reading of PyTorch (`.pt`/`.pth`/`.bin`) and `.safetensors` weight files into numpy.
+"""The one reader of PyTorch (`.pt`/`.pth`/`.bin`/`.ckpt`) and `.safetensors` weight files, and
+the errors of every importer (SiT/DiT/PPFlow, VAE, Inception) and of params restores.
 
 A pickle can run arbitrary code when it is loaded, so `.pt` files go through
 `torch.load(weights_only=True)` only: tensors, containers and a few allow-listed plain classes are
 rebuilt, anything else is refused with `UnsafeCheckpointError`. `.safetensors` files hold no code
-and are read with `safetensors.numpy`, without PyTorch.
+and are read with `safetensors.numpy`, without PyTorch. Weights whose names or shapes do not fit
+the model being built raise `CheckpointMismatchError`, listing every problem at once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pickle
 import numpy as np
 
 TORCH_SUFFIXES = ('.pt', '.pth', '.bin', '.ckpt')
+WEIGHT_SUFFIXES = TORCH_SUFFIXES + ('.safetensors',)   # every file `read_state_dict` reads
 # Containers written by training scripts (SiT/DiT train.py: {'model', 'ema', 'opt', 'args'});
 # the EMA weights are the ones that were evaluated, so they win.
 _CONTAINER_KEYS = ('ema', 'model', 'state_dict')
@@ -22,6 +25,10 @@ _CONTAINER_KEYS = ('ema', 'model', 'state_dict')
 
 class UnsafeCheckpointError(ValueError):
   """The file's pickle needs code that `torch.load(weights_only=True)` refuses to run."""
+
+
+class CheckpointMismatchError(ValueError):
+  """Weights whose names, tree or shapes differ from the model the config builds (all listed)."""
 
 
 def _load_torch(path: str) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import grain
 import ml_collections
 
-from ppflow_jax.models import vae
+from ppflow_jax.convert import vae as vae_weights
 from ppflow_jax.data import fashion_mnist
 from ppflow_jax.data import image_folder
 from ppflow_jax.data import imagenet
@@ -69,7 +69,7 @@ def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
     return latents.latent_shape(d.path)
   if d.source in ('imagenet', 'image_folder'):
     if config.vae.path:
-      cfg = vae.read_vae_config(config.vae.path)
+      cfg = vae_weights.read_vae_config(config.vae.path)
       f = cfg.downsample_factor
       return (d.image_size // f, d.image_size // f, cfg.latent_channels)
     return (d.image_size, d.image_size, 3)

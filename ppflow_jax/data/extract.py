@@ -28,6 +28,7 @@ from array_record.python import array_record_module
 from flax import nnx
 from ml_collections import config_flags
 
+from ppflow_jax.convert import vae as vae_weights
 from ppflow_jax.models import vae as vae_lib
 from ppflow_jax.data import image_folder
 from ppflow_jax.data import imagenet
@@ -138,7 +139,7 @@ def run(config, out: str, *, shard_size: int = 1024, per_device_batch: int = 32,
     if not config.vae.path:
       raise ValueError('set --config.vae.path to the diffusers AutoencoderKL directory '
                        '(e.g. stabilityai/sd-vae-ft-ema) used to encode the images')
-    model = vae_lib.load_diffusers_vae(config.vae.path)
+    model = vae_weights.load_diffusers_vae(config.vae.path)
   source = image_source(config, split)
   num_images, views, size = len(source), 2 if config.data.flip else 1, config.data.image_size
   f = model.cfg.downsample_factor

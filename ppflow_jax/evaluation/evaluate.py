@@ -17,6 +17,7 @@ import os
 
 from absl import app, flags, logging
 
+from ppflow_jax.convert import inception as inception_weights
 from ppflow_jax.evaluation import inception, metrics
 
 
@@ -39,7 +40,7 @@ def evaluate(samples_path: str, reference_path: str, weights_path: str, batch_si
              preprocess: str = 'pytorch_fid', is_split_size: int = 5000) -> dict:
   """Returns {fid, sfid, inception_score, precision, recall, num_samples, ...} (floats, ints)."""
   ref = metrics.load_reference_batch(reference_path)
-  model = inception.load_pytorch_fid_weights(weights_path, preprocess_mode=preprocess)
+  model = inception_weights.load_pytorch_fid_weights(weights_path, preprocess_mode=preprocess)
   logging.info('Inception features of %s ...', samples_path)
   feats = inception.extract_features(model, metrics.iter_images(samples_path, batch_size),
                                      batch_size)

@@ -40,7 +40,7 @@ from ppflow_jax import checkpoint
 from ppflow_jax import config_lib
 from ppflow_jax import inference
 from ppflow_jax import sampling
-from ppflow_jax.models import vae as vae_lib
+from ppflow_jax.convert import vae as vae_weights
 
 SAMPLES_DIR = 'fid_samples'
 CARD_FILE = 'eval_card.json'
@@ -309,7 +309,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   `samples_NxHxWxC.npz` and `eval_card.json` (process 0; other processes return {}).
   """
   config = config_lib.resolve(config)
-  model = inference.Inference.from_workdir(workdir, config, vae=vae_lib.for_config(config))
+  model = inference.Inference.from_workdir(workdir, config, vae=vae_weights.for_config(config))
   step = model.step
   out_dir = config.eval.out_dir or os.path.join(workdir, SAMPLES_DIR)
   images, labels = generate(model, out_dir, on_chunk=on_chunk)

@@ -217,7 +217,14 @@ class MPDiT(nnx.Module):
 
 
 def mpdit_forward_flops(config: ml_collections.ConfigDict, attention: str = 'paper') -> float:
-  """Multiply-adds of one MPDiT forward pass for one image (divide by 1e9 for the paper's GFLOPs).
+  """Multiply-adds of one MPDiT forward pass for one image (divide by 1e9 for the paper's GFLOPs):
+  the sum of `forward_macs_terms`."""
+  return float(sum(forward_macs_terms(config, attention).values()))
+
+
+def forward_macs_terms(config: ml_collections.ConfigDict, attention: str = 'exact'
+                       ) -> dict[str, int]:
+  """Multiply-adds per term of one MPDiT forward pass for one image (flops.py sums them).
 
   Linear layers are counted at their real token counts (m class tokens included). Attention
   (QK^T and AV, 2 L^2 d per block):
@@ -239,16 +246,16 @@ def mpdit_forward_flops(config: ml_collections.ConfigDict, attention: str = 'pap
   hidden = int(d * mc.mlp_ratio)
   per_token = 4 * d * d + 2 * d * hidden                 # qkv, proj, fc1, fc2
 
-  def block(length: int) -> float:
-    attn_len = n_fine if attention == 'paper' else length
-    return per_token * length + 2 * attn_len ** 2 * d
+  def attention_macs(length: int) -> int:
+    return 2 * (n_fine if attention == 'paper' else length) ** 2 * d
 
-  total = (n - k) * block(m + n_coarse) + k * block(m + n_fine)
-  total += n_coarse * ch * cw * c * d                    # large-patch embedding
-  total += n_fine * (fh * fw * c * d + d * d)            # skip embedding + its linear
-  total += n_coarse * d * (ch // fh) * (cw // fw) * d    # upsample projection
-  total += (m + n_fine) * d * d                          # upsample refine (class + image)
-  total += n_fine * d * fh * fw * c_out                  # output projection
-  total += 6 * d * d                                     # shared adaLN
-  total += FNO_GRID * (FNO_WIDTH + FNO_LAYERS * FNO_WIDTH ** 2) + FNO_WIDTH * d
-  return float(total)
+  return dict(
+      coarse_blocks=(n - k) * (per_token * (m + n_coarse) + attention_macs(m + n_coarse)),
+      fine_blocks=k * (per_token * (m + n_fine) + attention_macs(m + n_fine)),
+      patch_embed=n_coarse * ch * cw * c * d,                  # large-patch embedding
+      skip_embed=n_fine * (fh * fw * c * d + d * d),           # skip embedding + its linear
+      upsample=n_coarse * d * (ch // fh) * (cw // fw) * d,     # upsample projection
+      upsample_refine=(m + n_fine) * d * d,                    # class + image tokens
+      final_linear=n_fine * d * fh * fw * c_out,               # output projection
+      adaln=6 * d * d,                                         # shared adaLN
+      timestep_embed=FNO_GRID * (FNO_WIDTH + FNO_LAYERS * FNO_WIDTH ** 2) + FNO_WIDTH * d)
