@@ -4,6 +4,9 @@ The 28x28 images are padded to 32x32x1 and used directly as the "latent", so tok
 ImageNet-256 SD latents (256 tokens at 2x2, 64 at 4x4). After training, main samples a
 class-conditional grid with stage-wise CFG and writes report.md comparing PPF sampling time with
 the same weights forced to the finest patch, measured side by side, next to the FLOPs ratio.
+
+Arguments: 'runlocal' (a shorter run of the same recipe); 'finest' (the same model sampled at its
+finest patch at every t: the SiT-cost speed reference of experiments/compare.py).
 """
 
 from ppflow_jax import config_lib
@@ -27,6 +30,8 @@ def get_config(arg=None):
     c.train.update(steps=30, log_every=10)
     c.sample.update(num_steps=6, num_images=10, batch_size=10)
     c.eval.report_samples = 20
+  elif arg == 'finest':
+    c.sample.force_finest = True
   elif arg:
-    raise ValueError(f'unknown config argument {arg!r}; the only one is "runlocal"')
+    raise ValueError(f'unknown config argument {arg!r}; use "runlocal" or "finest"')
   return c

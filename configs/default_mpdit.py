@@ -1,7 +1,7 @@
 """The embedded default's budget spent on a tiny MPDiT: 4 blocks of width 128, the first 2 on 4x4
 tokens (64 + 4 class tokens), the last 2 on 2x2 tokens (256 + 4), as MPDiT-B's N/2 split.
 
-Same data, steps, optimizer and sampler (Heun, 40 grid points) as the PPF-2 default. MPDiT has
+Same data, steps, optimizer and sampler (Heun, 21 grid points) as the PPF-2 default. MPDiT has
 one time stage, so it uses a single CFG scale (2.0, the default's fine-stage scale) at every t.
 """
 

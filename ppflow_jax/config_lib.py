@@ -39,6 +39,18 @@ SCHEDULES = {
     5: dict(boundaries=(0.2, 0.4, 0.6, 0.8), patch_sizes=((8, 8), (4, 8), (4, 4), (2, 4), (2, 2))),
 }
 
+# The models the experiments compare (benchmarks, mini reproduction): name -> (label, number of
+# stages of SCHEDULES). SiT is the one-stage case of the same model.
+PAPER_MODELS = {'sit': ('SiT', 1), 'ppf2': ('PPF-2', 2), 'ppf3': ('PPF-3', 3)}
+
+
+def model_label(name: str, patches: bool = False) -> str:
+  """'PPF-2', or with its patches (rows x cols, coarsest first) 'PPF-2 (4x4 | 2x2)'."""
+  label, stages = PAPER_MODELS[name]
+  if not patches:
+    return label
+  return f"{label} ({' | '.join(f'{r}x{c}' for r, c in SCHEDULES[stages]['patch_sizes'])})"
+
 
 def base_config() -> ml_collections.ConfigDict:
   """The full schema with SiT-XL/2-on-ImageNet-256 defaults; config files override fields."""

@@ -85,11 +85,6 @@ class Schedule:
       i += 1
     return tuple(sizes)
 
-  def with_finest_only(self) -> 'Schedule':
-    """The same model forced to its finest patch at every t (its SiT-equivalent cost)."""
-    f = self.finest
-    return Schedule((Stage(0, 0.0, 1.0, f.patch, f.cfg_scale),), self.latent_hw)
-
 
 def _validate(stages: Sequence[Stage], latent_hw: tuple[int, int]) -> None:
   if not stages:

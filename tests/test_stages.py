@@ -54,7 +54,3 @@ def test_negative_cfg_scale_rejected():
   with pytest.raises(ValueError, match='negative CFG scale'):
     config_lib.resolve(c)
 
-
-def test_finest_only_keeps_patch_and_covers_time():
-  s = stages.from_config(tiny_config(3)).with_finest_only()
-  assert len(s) == 1 and s.finest.patch == (2, 2) and s.stage_index(0.3) == 0

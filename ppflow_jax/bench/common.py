@@ -15,6 +15,7 @@ import statistics
 
 import jax
 import ml_collections
+from absl import app
 from absl import flags
 
 from ppflow_jax import config_lib
@@ -27,9 +28,9 @@ PEAK_BF16_FLOPS = (
     ('TPU v5', 459e12), ('TPU v6 lite', 918e12), ('TPU v6e', 918e12),
 )
 
-# name -> (number of stages, CFG scales are set per run).
-MODELS = {'sit': 1, 'ppf2': 2, 'ppf3': 3}
-LABELS = {'sit': 'SiT', 'ppf2': 'PPF-2', 'ppf3': 'PPF-3'}
+# name -> number of stages and name -> label, from config_lib's one table (CFG scales per run).
+MODELS = {name: stages for name, (_, stages) in config_lib.PAPER_MODELS.items()}
+LABELS = {name: label for name, (label, _) in config_lib.PAPER_MODELS.items()}
 
 # Overrides of --tiny: a model and latent small enough for CI on a 2-core CPU.
 TINY = dict(size='S', depth=2, hidden_size=64, num_heads=2, latent=16, channels=2, batch=4,
@@ -53,6 +54,25 @@ def define_model_flags() -> None:
   flags.DEFINE_bool('tiny', False, f'CI-sized run: overrides {TINY} (and the step counts).')
   flags.DEFINE_string('json', '', 'Write the results as JSON to this file.')
   flags.DEFINE_bool('markdown', False, 'Print a Markdown table instead of plain text.')
+
+
+def command_line(argv, tiny_steps: int) -> tuple[dict, int]:
+  """A benchmark's parsed command line: (model options with --tiny applied, step count)."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  f = flags.FLAGS
+  steps = tiny_steps if f.tiny else f.steps
+  if steps < 1:
+    raise app.UsageError(f'--steps={steps} must be >= 1')
+  return model_options(f), steps
+
+
+def print_result(result: dict, headers: list[str], rows: list[list[str]], settings: str) -> None:
+  """Prints the device line with `settings`, then the table (and writes --json if given)."""
+  dev, f = result['device'], flags.FLAGS
+  print(f"{dev['device_kind']} x{dev['device_count']}, jax {dev['jax']}: batch "
+        f"{result['options']['batch']}, {settings}")
+  print(write_outputs(result, headers, rows, json_path=f.json, markdown=f.markdown))
 
 
 def model_options(f=None) -> dict:

@@ -111,22 +111,13 @@ def table(result: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
   f = flags.FLAGS
-  opts = common.model_options(f)
+  opts, steps = common.command_line(argv, tiny_steps=8)
   opts['cfg_scale'] = f.cfg_scale
-  steps = 8 if f.tiny else f.steps
-  if steps < 1:
-    raise app.UsageError(f'--steps={steps} must be >= 1')
   spec = sampling.SamplerSpec(method=f.method, num_steps=steps + 1)
   result = run_benchmark(opts, spec)
-  headers, rows = table(result)
-  dev = result['device']
-  print(f"{dev['device_kind']} x{dev['device_count']}, jax {dev['jax']}: batch {opts['batch']}, "
-        f"{f.method} {steps} steps, {opts['dtype']}, cfg {opts['cfg_scale']}, "
-        f"{opts['repeats']} repeats")
-  print(common.write_outputs(result, headers, rows, json_path=f.json, markdown=f.markdown))
+  common.print_result(result, *table(result), f"{f.method} {steps} steps, {opts['dtype']}, "
+                      f"cfg {opts['cfg_scale']}, {opts['repeats']} repeats")
 
 
 if __name__ == '__main__':

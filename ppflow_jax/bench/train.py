@@ -110,20 +110,11 @@ def table(result: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  f = flags.FLAGS
-  opts = common.model_options(f)
-  steps = 2 if f.tiny else f.steps
-  if steps < 1:
-    raise app.UsageError(f'--steps={steps} must be >= 1')
-  packings = {'both': (False, True), 'on': (True,), 'off': (False,)}[f.packing]
+  opts, steps = common.command_line(argv, tiny_steps=2)
+  packings = {'both': (False, True), 'on': (True,), 'off': (False,)}[flags.FLAGS.packing]
   result = run_benchmark(opts, steps, packings)
-  headers, rows = table(result)
-  dev = result['device']
-  print(f"{dev['device_kind']} x{dev['device_count']}, jax {dev['jax']}: batch {opts['batch']}, "
-        f"{opts['dtype']}, {steps} steps x {opts['repeats']} repeats")
-  print(common.write_outputs(result, headers, rows, json_path=f.json, markdown=f.markdown))
+  common.print_result(result, *table(result),
+                      f"{opts['dtype']}, {steps} steps x {opts['repeats']} repeats")
 
 
 if __name__ == '__main__':

@@ -206,17 +206,6 @@ def load_reference_batch(path: str) -> ReferenceBatch:
   return ReferenceBatch(path=path, num_images=num_images, **stats)
 
 
-def load_sample_batch(path: str) -> np.ndarray:
-  """Reads all samples `arr_0` of an ADM sample batch -> (N, H, W, 3) uint8."""
-  with np.load(path) as f:
-    if 'arr_0' not in f.files:
-      raise ValueError(f'{path} has no arr_0 (keys: {f.files}); ADM sample batches store uint8 '
-                       'NHWC images under arr_0 (np.savez(path, images))')
-    images = f['arr_0']
-  _check_images(images, path)
-  return images
-
-
 def _check_images(images: np.ndarray, path: str) -> None:
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f'{path}: arr_0 must be uint8 (N, H, W, 3) images, got {images.dtype} '

@@ -38,23 +38,20 @@ from ppflow_jax import sampling
 @dataclasses.dataclass(frozen=True)
 class Variant:
   name: str
-  config: str                    # the config file, as --config= names it
+  config: str                    # the config file (and argument), as --config= names it
   train_as: str = ''             # '' = own weights; else the variant whose weights it samples
-  sample_overrides: tuple = ()   # SamplerSpec field overrides, as (name, value) pairs
-  note: str = ''
+  note: str = ''                 #   (with this variant's config.sample)
 
 
 VARIANTS = (
     Variant('PPF-2', 'configs/default.py', note='each patch on its own time range'),
     Variant('FlexiDiT-style', 'configs/default_flexidit.py', note='every patch on U(0, 1)'),
-    Variant('FlexiDiT-style + weak guidance', 'configs/default_flexidit.py',
-            train_as='FlexiDiT-style',
-            sample_overrides=(('guidance', 'weak_conditional'), ('guidance_stage', 0)),
-            note='2x2 steps guided by the 4x4 conditional pass (packed)'),
+    Variant('FlexiDiT-style + weak guidance', 'configs/default_flexidit.py:weak_guidance',
+            train_as='FlexiDiT-style', note='2x2 steps guided by the 4x4 conditional pass (packed)'),
     Variant('Lumina-style', 'configs/default_lumina.py', note='every patch on all t, shifted'),
     Variant('MPDiT', 'configs/default_mpdit.py', note='4x4 blocks -> upsample -> 2x2 blocks'),
-    Variant('PPF-2 weights, finest patch only', 'configs/default.py', train_as='PPF-2',
-            sample_overrides=(('force_finest', True),), note='speed reference (SiT cost)'),
+    Variant('PPF-2 weights, finest patch only', 'configs/default.py:finest', train_as='PPF-2',
+            note='speed reference (SiT cost)'),
 )
 
 
@@ -105,15 +102,16 @@ def run(workdir: str, steps: int = 0, num_samples: int = 1000, timing_repeats: i
   for v in VARIANTS:
     config = variant_config(v, steps, quick)
     vdir = os.path.join(workdir, v.train_as or v.name.replace(' ', '_'))
-    if v.train_as:
+    if v.train_as:  # the trained weights, sampled with this variant's config.sample
       model, train_s = trained[v.train_as]
+      model = dataclasses.replace(model, config=config)
     else:
       t0 = time.time()
       trainer, state = loop.train_and_evaluate(config, vdir)
       train_s = time.time() - t0
       model = inference.Inference.from_trainer(trainer, state.ema, step=state.step)
       trained[v.name] = (model, train_s)
-    sampler = model.sampler(**dict(v.sample_overrides))
+    sampler = model.sampler()
     row = dict(variant=v.name, note=v.note, train_steps=config.train.steps,
                train_seconds=round(train_s, 1), final_loss=last_loss(vdir),
                evaluations=sum(sampling.num_evaluations(model.schedule, sampler.spec)))

@@ -76,8 +76,9 @@ QUICK = Recipe(depth=1, hidden_size=32, num_heads=2, batch_size=8, warmup_steps=
                classifier_steps=20, checkpoint_every=10)
 
 # name -> number of stages (config_lib.SCHEDULES); 'untrained' is the SiT at initialisation.
-MODELS = {'SiT (2x2)': 1, 'PPF-2 (4x4 | 2x2)': 2, 'PPF-3 (4x4 | 2x4 | 2x2)': 3}
-_DIRS = {1: 'sit', 2: 'ppf2', 3: 'ppf3'}
+MODELS = {config_lib.model_label(name, patches=True): stages
+          for name, (_, stages) in config_lib.PAPER_MODELS.items()}
+_DIRS = {stages: name for name, (_, stages) in config_lib.PAPER_MODELS.items()}
 
 
 def make_config(recipe: Recipe, num_stages: int, finetune: bool) -> ml_collections.ConfigDict:

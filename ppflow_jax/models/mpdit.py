@@ -35,7 +35,7 @@ from flax import nnx
 
 from ppflow_jax import stages as stages_lib
 from ppflow_jax.models import dit
-from ppflow_jax.models.ppf import patchify, unpatchify
+from ppflow_jax.models.ppf import patchify, set_io_fields, unpatchify
 
 FNO_GRID = 32      # time-signal grid points (paper: linspace(-1, 1, 32))
 FNO_WIDTH = 32     # lifted channels
@@ -159,14 +159,8 @@ class MPDiT(nnx.Module):
     m = config.model
     self.schedule, self.coarse_patch, k = _check_config(config)
     self.fine_patch = self.schedule.finest.patch
-    self.num_classes = m.num_classes
     self.num_cls = m.mpdit_class_tokens
-    self.in_channels = config.latent.channels
-    self.out_channels = 2 * self.in_channels if m.learn_sigma else self.in_channels
-    self.hidden_size = d = m.hidden_size
-    self.dtype = jnp.dtype(m.dtype)
-    kw = dict(dtype=self.dtype, param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
-    linear = dict(bias_init=dit.zeros, **kw)
+    d, kw, linear = set_io_fields(self, config, rngs)
     h, w = self.schedule.latent_hw
     (ch, cw), (fh, fw) = self.coarse_patch, self.fine_patch
     self.coarse_grid, self.fine_grid = (h // ch, w // cw), (h // fh, w // fw)

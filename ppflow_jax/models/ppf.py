@@ -34,19 +34,27 @@ def unpatchify(tokens: jax.Array, patch: tuple[int, int], hw: tuple[int, int]) -
                           h=hw[0] // ph, p=ph, q=pw)
 
 
+def set_io_fields(model: nnx.Module, config: ml_collections.ConfigDict,
+                  rngs: nnx.Rngs) -> tuple[int, dict, dict]:
+  """Sets the fields every velocity network has (classes, channels, width, dtype) on `model`;
+  returns (width d, layer kwargs, kwargs of a zero-bias linear layer)."""
+  m = config.model
+  model.num_classes = m.num_classes
+  model.in_channels = config.latent.channels
+  model.out_channels = 2 * model.in_channels if m.learn_sigma else model.in_channels
+  model.hidden_size = m.hidden_size
+  model.dtype = jnp.dtype(m.dtype)
+  kw = dict(dtype=model.dtype, param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
+  return m.hidden_size, kw, dict(bias_init=dit.zeros, **kw)
+
+
 class PPFModel(nnx.Module):
   """Velocity network v(x_t, t, y) whose tokenisation depends on the stage of t."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     m = config.model
     self.schedule = stages_lib.from_config(config)
-    self.num_classes = m.num_classes
-    self.in_channels = config.latent.channels
-    self.out_channels = 2 * self.in_channels if m.learn_sigma else self.in_channels
-    self.hidden_size = d = m.hidden_size
-    self.dtype = jnp.dtype(m.dtype)
-    kw = dict(dtype=self.dtype, param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
-    linear = dict(bias_init=dit.zeros, **kw)
+    d, kw, linear = set_io_fields(self, config, rngs)
 
     self.t_embedder = dit.TimestepEmbedder(d, **kw)
     self.y_embedder = nnx.Embed(m.num_classes + 1, d, embedding_init=dit.logical(
