@@ -94,9 +94,10 @@ def final_report(model: inference.Inference, workdir: str, evaluator=None) -> di
   nrow = max(1, config.sample.num_images // min(num_classes, config.sample.num_images))
   result = dict(num_images=n, batch_size=config.sample.batch_size,
                 device=jax.devices()[0].device_kind, steps=model.step)
-  images = {}
+  images, specs = {}, {}
   for name, overrides in (('ppf', {}), ('finest', {'force_finest': True})):
     sampler = model.sampler(**overrides)
+    specs[name] = sampler.spec
     latents, seconds = sampling.sample_in_chunks(sampler, model.params, model.latent_shape, labels,
                                                  config.seed, config.sample.batch_size)
     steady = sampling.steady_seconds(sampler, model.params, model.latent_shape, labels,
@@ -107,7 +108,7 @@ def final_report(model: inference.Inference, workdir: str, evaluator=None) -> di
     suffix = '' if name == 'ppf' else '_finest'
     save_grid(to_uint8(images[name][:config.sample.num_images]),
               os.path.join(workdir, f'samples{suffix}.png'), nrow, 2)
-  spec = sampling.SamplerSpec.from_config(config)
+  spec = specs['ppf']
   result.update(
       sampler=f'{spec.method}, {spec.num_steps} grid points, CFG {list(config.schedule.cfg_scales)}'
               f' on {spec.cfg_channels} channels',
