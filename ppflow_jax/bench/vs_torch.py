@@ -251,6 +251,8 @@ def main(argv) -> None:
   found = import_torch()
   if found is None:
     return
+  if f.torch_threads:
+    found[0].set_num_threads(f.torch_threads)
   opts = common.model_options(f)
   opts.update(cfg_scale=f.cfg_scale, paper_cfg=f.paper_cfg, rounds=f.rounds)
   if f.tiny:
@@ -277,4 +279,5 @@ if __name__ == '__main__':
   flags.DEFINE_float('cfg_scale', 1.5, 'CFG scale of every stage (1 = no CFG).')
   flags.DEFINE_bool('paper_cfg', False, f'Use the paper\'s per-stage scales {PAPER_CFG} instead.')
   flags.DEFINE_integer('rounds', 3, 'Alternating timed rounds after the warm-up.')
+  flags.DEFINE_integer('torch_threads', 0, 'torch.set_num_threads (0 = torch\'s default).')
   app.run(main)
