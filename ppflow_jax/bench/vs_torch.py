@@ -27,7 +27,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 from ppflow_jax import flops
@@ -176,10 +176,12 @@ def run_benchmark(opts: dict, spec: sampling.SamplerSpec, torch, torch_model_cls
     xt, _, _ = _timed(p['torch'])
     compile_s[n] = tj
     diffs[n] = float(np.abs(np.asarray(xj) - xt.permute(0, 2, 3, 1).cpu().numpy()).max())
+    logging.info('warm-up %s: JAX %.3g s (compiles), max |JAX - torch| = %.2g', n, tj, diffs[n])
   for r in range(opts['rounds']):
     for n, p in pairs.items():
       for side in (('jax', 'torch') if r % 2 == 0 else ('torch', 'jax')):
         _, total, per_stage = _timed(p[side])
+        logging.info('round %d %s %s: %.3g s', r, n, side, total)
         times[n][side]['total'].append(total)
         times[n][side]['stages'].append(per_stage)
 
