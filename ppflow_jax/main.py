@@ -19,6 +19,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ppflow_jax import cli
 from ppflow_jax import config_lib
 from ppflow_jax import vae as vae_lib
 
@@ -82,5 +83,9 @@ def main(argv):
   run(_CONFIG.value, _WORKDIR.value, _MODE.value)
 
 
+def console() -> None:
+  cli.run(main)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  console()

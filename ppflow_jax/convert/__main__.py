@@ -17,6 +17,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ppflow_jax import cli
 from ppflow_jax import config_lib
 from ppflow_jax import convert
 
@@ -47,5 +48,9 @@ def main(argv) -> None:
   print(out)
 
 
+def console() -> None:
+  cli.run(main)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  console()
