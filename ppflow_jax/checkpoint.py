@@ -545,7 +545,9 @@ def load_init_params(init_from: str, config: ml_collections.ConfigDict, trainer:
   if os.path.isdir(init_from):
     return load_params(init_from, config, trainer)
   if not os.path.exists(init_from):
-    raise FileNotFoundError(f'config.train.init_from={init_from!r} does not exist')
+    raise FileNotFoundError(f'config.train.init_from={init_from!r} does not exist; give a weight '
+                            'file (.pt/.safetensors) or a directory written by '
+                            'python -m ppflow_jax.convert')
   if not init_from.endswith(TORCH_SUFFIXES):
     raise ValueError(f'config.train.init_from={init_from!r} must be a directory written by '
                      f'checkpoint.save_params / python -m ppflow_jax.convert, or a weight file '

@@ -16,6 +16,9 @@ from ppflow_jax import main as main_lib
 def run_case(argv: list[str]) -> dict:
   if flags.FLAGS.is_parsed():
     flags.FLAGS.unparse_flags()
+  for name in list(flags.FLAGS):  # overrides of the previous case's config, defined while parsing
+    if name.startswith('config.'):
+      delattr(flags.FLAGS, name)
   err = io.StringIO()
   code = 0
   with contextlib.redirect_stderr(err):
