@@ -27,7 +27,7 @@ from ppflow_jax import errors
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # Builtin types our own checks raise with a message meant for the user; raised elsewhere (numpy,
 # jax, orbax internals), they are internal faults and keep their traceback.
-_CHECK_TYPES = (ValueError, OSError, RuntimeError, FloatingPointError)
+_CHECK_TYPES = (ValueError, OSError, RuntimeError)
 _INTERNAL_TYPES = (NotImplementedError, RecursionError)
 
 

@@ -63,7 +63,7 @@ def run(config, workdir: str, mode: str) -> None:
     state = checkpoint.restore_for_inference(workdir, config, trainer)
     report.save_sample_grid(trainer, state, config, os.path.join(workdir, 'samples.png'),
                             vae=vae_lib.for_config(config))
-    logging.info('wrote %s', os.path.join(workdir, 'samples.png'))
+    print(f'wrote {os.path.join(workdir, "samples.png")}')
     return
   else:
     from ppflow_jax.evaluation import sample as fid_sample  # pylint: disable=g-import-not-at-top

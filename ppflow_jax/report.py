@@ -9,6 +9,7 @@ Fashion-MNIST feature network (evaluation/fmnist_features.py).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -19,6 +20,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from ppflow_jax import paths
 from ppflow_jax import sampling
 
 
@@ -27,18 +29,27 @@ def to_uint8(x) -> np.ndarray:
   return np.asarray(jnp.clip((jnp.asarray(x) + 1.0) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
 
 
-def save_grid(images: np.ndarray, path: str, nrow: int, scale: int = 1) -> None:
-  """images: uint8 (N, H, W, C) -> one PNG with `nrow` images per row."""
+def make_grid(images: np.ndarray, nrow: int, scale: int = 1) -> np.ndarray:
+  """images: uint8 (N, H, W, C) -> one uint8 (rows*H*scale, nrow*W*scale, C) image, row-major."""
   n, h, w, c = images.shape
   rows = -(-n // nrow)
   grid = np.zeros((rows * h, nrow * w, c), np.uint8)
   for i, im in enumerate(images):
     r, col = divmod(i, nrow)
     grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = im
-  img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-  if scale > 1:
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-  img.save(path)
+  return grid.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else grid
+
+
+def save_png(image: np.ndarray, path: str) -> None:
+  """uint8 (H, W, C) -> a PNG at `path` (a local path or a URL, paths.py)."""
+  buffer = io.BytesIO()
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format='PNG')
+  paths.write_bytes(path, buffer.getvalue())
+
+
+def save_grid(images: np.ndarray, path: str, nrow: int, scale: int = 1) -> None:
+  """images: uint8 (N, H, W, C) -> one PNG with `nrow` images per row."""
+  save_png(make_grid(images, nrow, scale), path)
 
 
 def grid_labels(num_images: int, num_classes: int) -> np.ndarray:
@@ -61,6 +72,14 @@ def make_sampler(trainer, config: ml_collections.ConfigDict,
   return sampling.Sampler(trainer.graphdef, trainer.schedule, spec, config.model.num_classes)
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole array on every process (gathered when it is sharded over several processes)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def sample_in_chunks(sampler: sampling.Sampler, params, config: ml_collections.ConfigDict,
                      labels: np.ndarray, seed: int) -> tuple[np.ndarray, list[float]]:
   """Samples latents for `labels` in chunks of config.sample.batch_size.
@@ -73,7 +92,7 @@ def sample_in_chunks(sampler: sampling.Sampler, params, config: ml_collections.C
   for i in range(0, len(labels), bs):
     t0 = time.perf_counter()
     x = sampler.sample(params, noise[i:i + bs], jnp.asarray(labels[i:i + bs]), keys[i:i + bs])
-    out.append(np.asarray(jax.block_until_ready(x)))
+    out.append(to_host(jax.block_until_ready(x)))
     seconds.append(time.perf_counter() - t0)
   return np.concatenate(out), seconds
 
@@ -108,12 +127,20 @@ def initial_noise(config: ml_collections.ConfigDict, n: int, seed: int):
   return jax.vmap(one)(jnp.arange(n))
 
 
-def save_sample_grid(trainer, state, config, path: str, vae=None) -> None:
-  """A class-conditional grid of config.sample.num_images EMA samples."""
+def sample_grid(trainer, state, config, vae=None) -> np.ndarray:
+  """A class-conditional grid of config.sample.num_images EMA samples, decoded with `vae` when
+  there is one: uint8 (H, W, C). Every process must call it (the sampler runs on the sharded
+  state); every process gets the whole grid."""
   labels = grid_labels(config.sample.num_images, config.model.num_classes)
   x = decode(config, generate(trainer, state.ema, config, labels, config.seed), vae)
-  save_grid(to_uint8(x), path, nrow=max(1, config.sample.num_images // min(
-      config.model.num_classes, config.sample.num_images)), scale=2)
+  nrow = max(1, config.sample.num_images // min(config.model.num_classes,
+                                                config.sample.num_images))
+  return make_grid(to_uint8(to_host(x) if isinstance(x, jax.Array) else x), nrow, scale=2)
+
+
+def save_sample_grid(trainer, state, config, path: str, vae=None) -> None:
+  """A class-conditional grid of config.sample.num_images EMA samples, as a PNG."""
+  save_png(sample_grid(trainer, state, config, vae), path)
 
 
 def plot_losses(metrics_file: str, path: str) -> None:
