@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from ppflow_jax import cli
 from ppflow_jax import config_lib
+from ppflow_jax import paths
 from ppflow_jax import vae as vae_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).',
@@ -46,24 +47,23 @@ def fmnist_evaluator(config, workdir: str):
   if config.data.source != 'fashion_mnist' or not config.eval.fmnist_fid:
     return None
   from ppflow_jax.evaluation import fmnist_features  # pylint: disable=g-import-not-at-top
-  return fmnist_features.FMNISTEvaluator(os.path.join(workdir, 'fmnist_classifier'))
+  return fmnist_features.FMNISTEvaluator(paths.join(workdir, 'fmnist_classifier'))
 
 
 def run(config, workdir: str, mode: str) -> None:
   from ppflow_jax import checkpoint, loop, report, sharding, train  # pylint: disable=g-import-not-at-top
   config = config_lib.resolve(config)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    paths.write_text(paths.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   if mode == 'train':
     trainer, state = loop.train_and_evaluate(config, workdir)
   elif mode == 'sample':
     trainer = train.Trainer(config, sharding.make_mesh(config))
     state = checkpoint.restore_for_inference(workdir, config, trainer)
-    report.save_sample_grid(trainer, state, config, os.path.join(workdir, 'samples.png'),
+    report.save_sample_grid(trainer, state, config, paths.join(workdir, 'samples.png'),
                             vae=vae_lib.for_config(config))
-    print(f'wrote {os.path.join(workdir, "samples.png")}')
+    print(f'wrote {paths.join(workdir, "samples.png")}')
     return
   else:
     from ppflow_jax.evaluation import sample as fid_sample  # pylint: disable=g-import-not-at-top
@@ -73,7 +73,7 @@ def run(config, workdir: str, mode: str) -> None:
     result = report.final_report(trainer, state, config, workdir, vae=vae_lib.for_config(config),
                                  evaluator=fmnist_evaluator(config, workdir))
     logging.info('report: %s', json.dumps(result))
-    print(open(os.path.join(workdir, 'report.md')).read())
+    print(paths.read_text(paths.join(workdir, 'report.md')))
 
 
 def main(argv):

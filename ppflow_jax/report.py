@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 
 import jax
@@ -148,8 +147,8 @@ def plot_losses(metrics_file: str, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  with open(metrics_file) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+  records = [json.loads(line) for line in paths.read_text(metrics_file).splitlines()
+             if line.strip()]
   steps = [r['step'] for r in records]
   fig, ax = plt.subplots(figsize=(6, 3.5))
   for key in sorted(k for k in records[0] if k.startswith('loss')):
@@ -159,8 +158,10 @@ def plot_losses(metrics_file: str, path: str) -> None:
   ax.set_yscale('log')
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100)
   plt.close(fig)
+  paths.write_bytes(path, buffer.getvalue())
 
 
 def final_report(trainer, state, config: ml_collections.ConfigDict, workdir: str,
@@ -189,7 +190,7 @@ def final_report(trainer, state, config: ml_collections.ConfigDict, workdir: str
     images[name] = np.clip(np.asarray(decode(config, latents, vae)), -1.0, 1.0)
     suffix = '' if name == 'ppf' else '_finest'
     save_grid(to_uint8(images[name][:config.sample.num_images]),
-              os.path.join(workdir, f'samples{suffix}.png'), nrow, 2)
+              paths.join(workdir, f'samples{suffix}.png'), nrow, 2)
   spec = sampling.SamplerSpec.from_config(config)
   result.update(
       sampler=f'{spec.method}, {spec.num_steps} grid points, CFG {list(config.schedule.cfg_scales)}'
@@ -200,13 +201,11 @@ def final_report(trainer, state, config: ml_collections.ConfigDict, workdir: str
   if evaluator is not None:
     for name, x in images.items():
       result[f'fid_{name}'] = float(evaluator.score(x)['fid'])
-  metrics = os.path.join(workdir, 'metrics.jsonl')
-  if os.path.exists(metrics):
-    plot_losses(metrics, os.path.join(workdir, 'loss.png'))
-  with open(os.path.join(workdir, 'report.json'), 'w') as f:
-    json.dump(result, f, indent=2)
-  with open(os.path.join(workdir, 'report.md'), 'w') as f:
-    f.write(report_markdown(result))
+  metrics = paths.join(workdir, 'metrics.jsonl')
+  if paths.exists(metrics):
+    plot_losses(metrics, paths.join(workdir, 'loss.png'))
+  paths.write_text(paths.join(workdir, 'report.json'), json.dumps(result, indent=2))
+  paths.write_text(paths.join(workdir, 'report.md'), report_markdown(result))
   return result
 
 
