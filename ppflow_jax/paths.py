@@ -62,12 +62,17 @@ def makedirs(path) -> str:
   return os.fspath(path)
 
 
+def _web(path) -> bool:
+  """http(s) URLs name downloads (weights.py), not directories or files of a file system."""
+  return os.fspath(path).startswith(('http://', 'https://'))
+
+
 def exists(path) -> bool:
-  return as_path(path).exists()
+  return not _web(path) and as_path(path).exists()
 
 
 def isdir(path) -> bool:
-  return as_path(path).is_dir()
+  return not _web(path) and as_path(path).is_dir()
 
 
 def read_text(path) -> str:
