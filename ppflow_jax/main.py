@@ -31,6 +31,9 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'sample_fid'], 'W
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
+_CLASS_LABELS = flags.DEFINE_string(
+    'class_labels', '', '--mode=sample: comma-separated class ids, one image each (default: '
+    'config.sample.num_images images, one class per grid row).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -50,7 +53,7 @@ def fmnist_evaluator(config, workdir: str):
   return fmnist_features.FMNISTEvaluator(paths.join(workdir, 'fmnist_classifier'))
 
 
-def run(config, workdir: str, mode: str) -> None:
+def run(config, workdir: str, mode: str, class_labels: str = '') -> None:
   from ppflow_jax import checkpoint, loop, report, sharding, train  # pylint: disable=g-import-not-at-top
   config = config_lib.resolve(config)
   paths.makedirs(workdir)
@@ -61,9 +64,14 @@ def run(config, workdir: str, mode: str) -> None:
   elif mode == 'sample':
     trainer = train.Trainer(config, sharding.make_mesh(config))
     state = checkpoint.restore_for_inference(workdir, config, trainer)
-    report.save_sample_grid(trainer, state, config, paths.join(workdir, 'samples.png'),
-                            vae=vae_lib.for_config(config))
-    print(f'wrote {paths.join(workdir, "samples.png")}')
+    labels = None
+    if class_labels:
+      from ppflow_jax import sample  # pylint: disable=g-import-not-at-top
+      labels = sample.parse_labels(class_labels, config.model.num_classes)
+    out = paths.join(workdir, 'samples.png')
+    report.save_sample_grid(trainer, state, config, out, vae=vae_lib.for_config(config),
+                            labels=labels)
+    print(f'wrote {out}')
     return
   else:
     from ppflow_jax.evaluation import sample as fid_sample  # pylint: disable=g-import-not-at-top
@@ -80,7 +88,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   maybe_initialize_distributed()
-  run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  if _CLASS_LABELS.value and _MODE.value != 'sample':
+    raise app.UsageError('--class_labels is for --mode=sample')
+  run(_CONFIG.value, _WORKDIR.value, _MODE.value, _CLASS_LABELS.value)
 
 
 def console() -> None:

@@ -126,20 +126,23 @@ def initial_noise(config: ml_collections.ConfigDict, n: int, seed: int):
   return jax.vmap(one)(jnp.arange(n))
 
 
-def sample_grid(trainer, state, config, vae=None) -> np.ndarray:
-  """A class-conditional grid of config.sample.num_images EMA samples, decoded with `vae` when
-  there is one: uint8 (H, W, C). Every process must call it (the sampler runs on the sharded
-  state); every process gets the whole grid."""
-  labels = grid_labels(config.sample.num_images, config.model.num_classes)
+def sample_grid(trainer, state, config, vae=None, labels=None) -> np.ndarray:
+  """A grid of EMA samples for `labels` (default: config.sample.num_images, one class per row),
+  decoded with `vae` when there is one: uint8 (H, W, C). Every process must call it (the sampler
+  runs on the sharded state); every process gets the whole grid."""
+  if labels is None:
+    labels = grid_labels(config.sample.num_images, config.model.num_classes)
+    nrow = max(1, config.sample.num_images // min(config.model.num_classes,
+                                                  config.sample.num_images))
+  else:
+    labels, nrow = np.asarray(labels, np.int32), min(len(labels), 8)
   x = decode(config, generate(trainer, state.ema, config, labels, config.seed), vae)
-  nrow = max(1, config.sample.num_images // min(config.model.num_classes,
-                                                config.sample.num_images))
   return make_grid(to_uint8(to_host(x) if isinstance(x, jax.Array) else x), nrow, scale=2)
 
 
-def save_sample_grid(trainer, state, config, path: str, vae=None) -> None:
-  """A class-conditional grid of config.sample.num_images EMA samples, as a PNG."""
-  save_png(sample_grid(trainer, state, config, vae), path)
+def save_sample_grid(trainer, state, config, path: str, vae=None, labels=None) -> None:
+  """`sample_grid` as a PNG."""
+  save_png(sample_grid(trainer, state, config, vae, labels), path)
 
 
 def plot_losses(metrics_file: str, path: str) -> None:

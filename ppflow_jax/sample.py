@@ -118,17 +118,24 @@ class Pipeline:
     """ckpt: a released name (`PPF-XL-2`), a URL, a .pt/.safetensors file or a converted
     workdir; config: a ConfigDict or a config name/file (default: the release's); vae: 'mse',
     'ema', a diffusers directory, `hf:<repo>`, or None for no decoding."""
-    from ppflow_jax.models import build_model  # pylint: disable=g-import-not-at-top
     if isinstance(config, str):
       config = config_lib.load_config(config)
     config = config_for(ckpt, config)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0))))
-    params = jax.device_put(load_params(ckpt, config, progress=progress, say=say))
     decoder = None
     if vae:
       from ppflow_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top
       decoder = vae_lib.load_diffusers_vae(weights.resolve(VAES.get(vae, vae), progress=progress))
-    return cls(config, graphdef, params, decoder)
+    return cls.from_params(config, load_params(ckpt, config, progress=progress, say=say),
+                           decoder)
+
+  @classmethod
+  def from_params(cls, config: ml_collections.ConfigDict, params: dict,
+                  vae: nnx.Module | None = None) -> Pipeline:
+    """A pipeline around params already in memory (pure dict of `config`'s model)."""
+    from ppflow_jax.models import build_model  # pylint: disable=g-import-not-at-top
+    config = config_lib.resolve(config)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0))))
+    return cls(config, graphdef, jax.device_put(params), vae)
 
   def sampler(self, **spec_overrides) -> sampling.Sampler:
     return sampling.Sampler(self.graphdef, stages.from_config(self.config),

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import ROOT, tiny_config
 from ppflow_jax import config_lib, flow, sharding, summary
@@ -113,6 +114,10 @@ def test_main_default_runlocal_end_to_end(tmp_path):
   [(step, grid)] = events['samples/ema']
   assert step == 6 and grid.dtype == np.uint8 and grid.shape[0] > 32
   assert (workdir / 'samples_0000006.png').exists()
-  out = subprocess.run(base + ['--mode=sample'], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+  out = subprocess.run(base + ['--mode=sample', '--class_labels=1,2,7'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
+  assert Image.open(workdir / 'samples.png').size == (3 * 64, 64)  # one row, 32 px at scale 2
+  # Quiet by default: no absl/orbax INFO lines.
+  assert ' INFO ' not in out.stderr and not any(l.startswith('I') and '] ' in l
+                                                for l in out.stderr.splitlines()), out.stderr
