@@ -1,18 +1,25 @@
 """A local HTTP file server for download tests (127.0.0.1 only, no internet): serves a dict of
-{path: bytes}, honours `Range: bytes=N-` with 206 replies, and can cut a reply short once."""
+{path: bytes}, honours `Range: bytes=N-` with 206 replies, and can cut a reply short once. It also
+answers the few Hugging Face Hub routes `snapshot_download` uses (repo info, file tree, resolve),
+for repositories in `Files.hub`, so `HF_ENDPOINT=<base URL>` points huggingface_hub at it."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.server
+import json
 import threading
+
+HUB_COMMIT = 'c' * 40
 
 
 class Files:
   """What the server serves, and how: `cut_after[path] = n` sends only n bytes once."""
 
-  def __init__(self, files: dict[str, bytes]):
+  def __init__(self, files: dict[str, bytes], hub: dict[str, dict[str, bytes]] | None = None):
     self.files = dict(files)
+    self.hub = dict(hub or {})  # repo id -> {file name: bytes}
     self.cut_after: dict[str, int] = {}
     self.requests: list[tuple[str, str | None]] = []
 
@@ -22,8 +29,43 @@ def _handler(files: Files):
     def log_message(self, *args):  # quiet
       pass
 
+    def _send(self, body: bytes, headers: dict[str, str]):
+      self.send_response(200)
+      for k, v in headers.items():
+        self.send_header(k, v)
+      self.send_header('Content-Length', str(len(body)))
+      self.end_headers()
+      if self.command == 'GET':
+        self.wfile.write(body)
+
+    def _hub(self, path: str) -> bool:
+      """Hub routes: /api/models/REPO/revision/main, /api/models/REPO/tree/C, /REPO/resolve/C/F."""
+      for repo, repo_files in files.hub.items():
+        if path == f'/api/models/{repo}/revision/main':
+          info = {'id': repo, 'sha': HUB_COMMIT,
+                  'siblings': [{'rfilename': f} for f in repo_files]}
+          self._send(json.dumps(info).encode(), {'Content-Type': 'application/json'})
+          return True
+        if path.startswith(f'/api/models/{repo}/tree/'):
+          tree = [{'type': 'file', 'path': f, 'size': len(d), 'oid': hashlib.sha1(d).hexdigest()}
+                  for f, d in repo_files.items()]
+          self._send(json.dumps(tree).encode(), {'Content-Type': 'application/json'})
+          return True
+        for name, data in repo_files.items():
+          if path in (f'/{repo}/resolve/{HUB_COMMIT}/{name}', f'/{repo}/resolve/main/{name}'):
+            self._send(data, {'X-Repo-Commit': HUB_COMMIT,
+                              'ETag': f'"{hashlib.sha256(data).hexdigest()}"'})
+            return True
+      return False
+
+    def do_HEAD(self):  # pylint: disable=invalid-name
+      if not self._hub(self.path.split('?', 1)[0]):
+        self.send_error(404)
+
     def do_GET(self):  # pylint: disable=invalid-name
       path = self.path.split('?', 1)[0]
+      if self._hub(path):
+        return
       files.requests.append((path, self.headers.get('Range')))
       if path not in files.files:
         self.send_error(404)

@@ -54,15 +54,22 @@ def files(tmp_path_factory):
 
 
 def test_command_downloads_converts_samples_and_writes_png(files, tmp_path):
+  """The weights from a URL, the VAE as SiT's default `--vae=mse` (stabilityai/sd-vae-ft-mse)
+  through huggingface_hub, both served by the local server."""
   out = tmp_path / 'sample.png'
-  with serve(Files({'/SiT-tiny.pt': files['sit']})) as base:
+  vae_files = {f: open(os.path.join(files['vae'], f), 'rb').read()
+               for f in os.listdir(files['vae'])}
+  with serve(Files({'/SiT-tiny.pt': files['sit']},
+                   hub={'stabilityai/sd-vae-ft-mse': vae_files})) as base:
     env = dict(os.environ, PPFLOW_CACHE=str(tmp_path / 'cache'), JAX_PLATFORMS='cpu',
-               PYTHONPATH=ROOT)
+               PYTHONPATH=ROOT, HF_ENDPOINT=base, HF_HUB_CACHE=str(tmp_path / 'hf'),
+               HF_HUB_DISABLE_TELEMETRY='1')
     p = subprocess.run([sys.executable, '-m', 'ppflow_jax.sample', f'--ckpt={base}/SiT-tiny.pt',
                         '--config=sit_xl_2', *TINY, '--class_labels=207,360,387', '--seed=0',
-                        f'--vae={files["vae"]}', f'--out={out}'],
+                        f'--out={out}'],
                        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
+  assert (tmp_path / 'hf' / 'models--stabilityai--sd-vae-ft-mse').is_dir()
   assert 'converted ' in p.stdout and 'sde, 4 grid points, CFG [1.5]' in p.stdout, p.stdout
   assert 'sampled in ' in p.stdout and f'wrote {out}' in p.stdout
   image = np.asarray(Image.open(out))
