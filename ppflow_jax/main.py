@@ -19,7 +19,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ppflow_jax import cli
 from ppflow_jax import config_lib
+from ppflow_jax import paths
 from ppflow_jax.convert import vae as vae_weights
 
 
@@ -32,6 +34,8 @@ def define_flags() -> None:
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
   flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
   flags.DEFINE_integer('process_id', None, 'This process index.')
+  flags.DEFINE_string('class_labels', '', '--mode=sample: comma-separated class ids, one image '
+                      'each (default: config.sample.num_images images, one class per grid row).')
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -50,22 +54,26 @@ def fmnist_evaluator(config, workdir: str):
   if config.data.source != 'fashion_mnist' or not config.eval.fmnist_fid:
     return None
   from ppflow_jax.evaluation import fmnist_features  # pylint: disable=g-import-not-at-top
-  return fmnist_features.FMNISTEvaluator(os.path.join(workdir, 'fmnist_classifier'))
+  return fmnist_features.FMNISTEvaluator(paths.join(workdir, 'fmnist_classifier'))
 
 
-def run(config, workdir: str, mode: str) -> None:
+def run(config, workdir: str, mode: str, class_labels: str = '') -> None:
   from ppflow_jax import inference, loop, report  # pylint: disable=g-import-not-at-top
   config = config_lib.resolve(config)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    paths.write_text(paths.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   if mode == 'train':
     trainer, state = loop.train_and_evaluate(config, workdir)
   elif mode == 'sample':
     model = inference.Inference.from_workdir(workdir, config, vae=vae_weights.for_config(config))
-    report.save_sample_grid(model, os.path.join(workdir, 'samples.png'))
-    logging.info('wrote %s', os.path.join(workdir, 'samples.png'))
+    labels = None
+    if class_labels:
+      from ppflow_jax import sample  # pylint: disable=g-import-not-at-top
+      labels = sample.parse_labels(class_labels, config.model.num_classes)
+    out = paths.join(workdir, 'samples.png')
+    report.save_sample_grid(model, out, labels=labels)
+    print(f'wrote {out}')
     return
   else:
     from ppflow_jax.evaluation import sample as fid_sample  # pylint: disable=g-import-not-at-top
@@ -76,7 +84,7 @@ def run(config, workdir: str, mode: str) -> None:
                                              vae=vae_weights.for_config(config))
     result = report.final_report(model, workdir, evaluator=fmnist_evaluator(config, workdir))
     logging.info('report: %s', json.dumps(result))
-    print(open(os.path.join(workdir, 'report.md')).read())
+    print(paths.read_text(paths.join(workdir, 'report.md')))
 
 
 def main(argv):
@@ -84,9 +92,15 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   maybe_initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
-  run(f.config, f.workdir, f.mode)
+  if f.class_labels and f.mode != 'sample':
+    raise app.UsageError('--class_labels is for --mode=sample')
+  run(f.config, f.workdir, f.mode, f.class_labels)
+
+
+def console() -> None:
+  define_flags()
+  cli.run(main)
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  console()

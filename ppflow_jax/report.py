@@ -9,8 +9,8 @@ Fashion-MNIST feature network (evaluation/fmnist_features.py).
 
 from __future__ import annotations
 
+import io
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ from PIL import Image
 
 from ppflow_jax import flops
 from ppflow_jax import inference
+from ppflow_jax import paths
 from ppflow_jax import sampling
 
 
@@ -27,18 +28,27 @@ def to_uint8(x) -> np.ndarray:
   return np.asarray(jnp.clip((jnp.asarray(x) + 1.0) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
 
 
-def save_grid(images: np.ndarray, path: str, nrow: int, scale: int = 1) -> None:
-  """images: uint8 (N, H, W, C) -> one PNG with `nrow` images per row."""
+def make_grid(images: np.ndarray, nrow: int, scale: int = 1) -> np.ndarray:
+  """images: uint8 (N, H, W, C) -> one uint8 (rows*H*scale, nrow*W*scale, C) image, row-major."""
   n, h, w, c = images.shape
   rows = -(-n // nrow)
   grid = np.zeros((rows * h, nrow * w, c), np.uint8)
   for i, im in enumerate(images):
     r, col = divmod(i, nrow)
     grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = im
-  img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-  if scale > 1:
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-  img.save(path)
+  return grid.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else grid
+
+
+def save_png(image: np.ndarray, path: str) -> None:
+  """uint8 (H, W, C) -> a PNG at `path` (a local path or a URL, paths.py)."""
+  buffer = io.BytesIO()
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format='PNG')
+  paths.write_bytes(path, buffer.getvalue())
+
+
+def save_grid(images: np.ndarray, path: str, nrow: int, scale: int = 1) -> None:
+  """images: uint8 (N, H, W, C) -> one PNG with `nrow` images per row."""
+  save_png(make_grid(images, nrow, scale), path)
 
 
 def grid_labels(num_images: int, num_classes: int) -> np.ndarray:
@@ -47,13 +57,24 @@ def grid_labels(num_images: int, num_classes: int) -> np.ndarray:
   return (np.arange(num_images) // per_class % num_classes).astype(np.int32)
 
 
-def save_sample_grid(model: inference.Inference, path: str) -> None:
-  """A class-conditional grid of config.sample.num_images samples of `model`'s weights."""
+def sample_grid(model: inference.Inference, labels=None) -> np.ndarray:
+  """A grid of `model`'s samples for `labels` (default: config.sample.num_images, one class per
+  row), decoded with its VAE when there is one: uint8 (H, W, C). Every process must call it (the
+  sampler runs on the sharded weights); every process gets the whole grid."""
   config = model.config
-  labels = grid_labels(config.sample.num_images, config.model.num_classes)
+  if labels is None:
+    labels = grid_labels(config.sample.num_images, config.model.num_classes)
+    nrow = max(1, config.sample.num_images // min(config.model.num_classes,
+                                                  config.sample.num_images))
+  else:
+    labels, nrow = np.asarray(labels, np.int32), min(len(labels), 8)
   x = model.decode(model.generate(labels, config.seed))
-  save_grid(to_uint8(x), path, nrow=max(1, config.sample.num_images // min(
-      config.model.num_classes, config.sample.num_images)), scale=2)
+  return make_grid(to_uint8(sampling.to_host(x) if isinstance(x, jax.Array) else x), nrow, scale=2)
+
+
+def save_sample_grid(model: inference.Inference, path: str, labels=None) -> None:
+  """`sample_grid` as a PNG."""
+  save_png(sample_grid(model, labels), path)
 
 
 def plot_losses(metrics_file: str, path: str) -> None:
@@ -61,8 +82,8 @@ def plot_losses(metrics_file: str, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  with open(metrics_file) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+  records = [json.loads(line) for line in paths.read_text(metrics_file).splitlines()
+             if line.strip()]
   steps = [r['step'] for r in records]
   fig, ax = plt.subplots(figsize=(6, 3.5))
   for key in sorted(k for k in records[0] if k.startswith('loss')):
@@ -72,8 +93,10 @@ def plot_losses(metrics_file: str, path: str) -> None:
   ax.set_yscale('log')
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100)
   plt.close(fig)
+  paths.write_bytes(path, buffer.getvalue())
 
 
 def final_report(model: inference.Inference, workdir: str, evaluator=None) -> dict:
@@ -107,8 +130,10 @@ def final_report(model: inference.Inference, workdir: str, evaluator=None) -> di
     images[name] = np.clip(np.asarray(model.decode(latents)), -1.0, 1.0)
     suffix = '' if name == 'ppf' else '_finest'
     save_grid(to_uint8(images[name][:config.sample.num_images]),
-              os.path.join(workdir, f'samples{suffix}.png'), nrow, 2)
+              paths.join(workdir, f'samples{suffix}.png'), nrow, 2)
   spec = specs['ppf']
+              paths.join(workdir, f'samples{suffix}.png'), nrow, 2)
+  spec = sampling.SamplerSpec.from_config(config)
   result.update(
       sampler=f'{spec.method}, {spec.num_steps} grid points, CFG {list(config.schedule.cfg_scales)}'
               f' on {spec.cfg_channels} channels',
@@ -118,13 +143,11 @@ def final_report(model: inference.Inference, workdir: str, evaluator=None) -> di
   if evaluator is not None:
     for name, x in images.items():
       result[f'fid_{name}'] = float(evaluator.score(x)['fid'])
-  metrics = os.path.join(workdir, 'metrics.jsonl')
-  if os.path.exists(metrics):
-    plot_losses(metrics, os.path.join(workdir, 'loss.png'))
-  with open(os.path.join(workdir, 'report.json'), 'w') as f:
-    json.dump(result, f, indent=2)
-  with open(os.path.join(workdir, 'report.md'), 'w') as f:
-    f.write(report_markdown(result))
+  metrics = paths.join(workdir, 'metrics.jsonl')
+  if paths.exists(metrics):
+    plot_losses(metrics, paths.join(workdir, 'loss.png'))
+  paths.write_text(paths.join(workdir, 'report.json'), json.dumps(result, indent=2))
+  paths.write_text(paths.join(workdir, 'report.md'), report_markdown(result))
   return result
 
 

@@ -285,6 +285,14 @@ def index_noise(shape: tuple[int, int, int], indices: jax.Array,
   return jax.vmap(one)(indices)
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole array on every process (gathered when it is sharded over several processes)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def sample_in_chunks(sampler: Sampler, params, shape: tuple[int, int, int], labels: np.ndarray,
                      seed: int, batch_size: int) -> tuple[np.ndarray, list[float]]:
   """Samples latents (N, *shape) for `labels` (N,) in chunks of `batch_size`, sample i with
@@ -296,7 +304,7 @@ def sample_in_chunks(sampler: Sampler, params, shape: tuple[int, int, int], labe
     t0 = time.perf_counter()
     x = sampler.sample(params, noise[i:i + batch_size], jnp.asarray(labels[i:i + batch_size]),
                        keys[i:i + batch_size])
-    out.append(np.asarray(jax.block_until_ready(x)))
+    out.append(to_host(jax.block_until_ready(x)))
     seconds.append(time.perf_counter() - t0)
   return np.concatenate(out), seconds
 

@@ -20,15 +20,18 @@ from absl import logging
 from ml_collections import config_flags
 
 from ppflow_jax import checkpoint
+from ppflow_jax import cli
 from ppflow_jax import config_lib
 from ppflow_jax import convert
+from ppflow_jax import weights
 
 
 def define_flags() -> None:
   """The command line's flags."""
   config_flags.DEFINE_config_file('config', None, 'Config of the target model.')
   flags.DEFINE_string('torch_checkpoint', None, 'A .pt/.pth/.bin/.ckpt (loaded with '
-                      'weights_only=True) or .safetensors SiT/DiT/official PPFlow weight file.')
+                      'weights_only=True) or .safetensors SiT/DiT/official PPFlow weight file, a '
+                      'released name (PPF-XL-2.pt, SiT-XL-2-256x256.pt, ...) or a URL.')
   flags.DEFINE_string('workdir', None, 'Output: DIR/converted_params is written.')
   flags.DEFINE_bool('init_from_sit', False, 'Initialise a multi-stage PPF from a SiT/DiT file '
                     '(paper §3.3) instead of a direct load.')
@@ -40,7 +43,7 @@ def main(argv) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   config = config_lib.resolve(f.config)
-  path = f.torch_checkpoint
+  path = weights.resolve(f.torch_checkpoint)  # a file, or a released name / URL to download
   if f.init_from_sit:
     params = convert.init_from_sit(path, config)
   else:
@@ -52,6 +55,10 @@ def main(argv) -> None:
   print(out)
 
 
-if __name__ == '__main__':
+def console() -> None:
   define_flags()
-  app.run(main)
+  cli.run(main)
+
+
+if __name__ == '__main__':
+  console()

@@ -235,6 +235,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from ppflow_jax import cli  # pylint: disable=g-import-not-at-top
   define_flags()
   flags.mark_flags_as_required(['config', 'out'])
-  app.run(main)
+  cli.run(main)

@@ -17,6 +17,7 @@ import os
 
 from absl import app, flags, logging
 
+from ppflow_jax import cli
 from ppflow_jax.convert import inception as inception_weights
 from ppflow_jax.evaluation import inception, metrics
 
@@ -80,6 +81,10 @@ def main(argv):
       out.write(text + '\n')
 
 
-if __name__ == '__main__':
+def console() -> None:
   define_flags()
-  app.run(main)
+  cli.run(main)
+
+
+if __name__ == '__main__':
+  console()
