@@ -50,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
       dtype='float32',        # compute dtype: 'float32' | 'bfloat16' (params stay param_dtype).
       param_dtype='float32',
       attention='auto',       # 'auto' | 'xla' | 'splash' | 'pallas_gpu' | 'cudnn' (ops/attention.py).
+      # models/block_stack.py: stacked block params under one lax.scan (compiles the block once),
+      # and rematerialisation 'none' | 'full' | 'dots' (keep only weight-matmul outputs).
+      scan_blocks=False, remat='none',
       # MPDiT only (models/mpdit.py): blocks that run on small-patch tokens, class prefix tokens.
       mpdit_fine_blocks=6, mpdit_class_tokens=16, mpdit_coarse_patch=(),  # () = 2x the finest.
   ))
@@ -166,6 +169,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(m.dtype, 'config.model.dtype', ('float32', 'bfloat16'))
   _choice(m.param_dtype, 'config.model.param_dtype', ('float32', 'bfloat16'))
   _choice(m.attention, 'config.model.attention', ('auto', 'xla', 'splash', 'pallas_gpu', 'cudnn'))
+  _choice(m.remat, 'config.model.remat', ('none', 'full', 'dots'))
+  if m.variant != 'ppf' and (m.scan_blocks or m.remat != 'none'):
+    raise ValueError(f'config.model.scan_blocks / remat are implemented for the ppf variant only; '
+                     f'set them to False / "none" for variant={m.variant!r}')
   if m.hidden_size % m.num_heads:
     raise ValueError(f'config.model.hidden_size={m.hidden_size} is not divisible by '
                      f'num_heads={m.num_heads}')

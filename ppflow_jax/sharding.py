@@ -25,6 +25,7 @@ RULES = (
     ('mlp', 'tensor'),
     ('heads', 'tensor'),
     ('vocab', None),
+    ('layers', None),   # the stacked (depth,) axis of scanned blocks (models/block_stack.py).
 )
 
 
