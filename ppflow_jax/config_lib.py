@@ -117,7 +117,11 @@ def base_config() -> ml_collections.ConfigDict:
       allow_model_mismatch=False,  # refuse a checkpoint whose model fields differ from the config.
   ))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices.
+  # Device mesh (-1: all remaining devices) and the logical-axis -> mesh-axis rules of params and
+  # activations (sharding.py; MaxText-style): e.g. ('mlp', None) keeps MLP weights unsharded.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=(
+      ('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'), ('heads', 'tensor'),
+      ('vocab', None), ('layers', None))))
 
   c.eval = ml_collections.ConfigDict(dict(
       num_samples=50_000, labels='uniform',  # 'uniform' (ADM/DiT) | 'balanced' (50 per class).

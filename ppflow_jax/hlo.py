@@ -60,7 +60,7 @@ def analyze(hlo_text: str) -> Stats:
       bodies[current] = []
       if line.startswith('ENTRY'):
         entry = current
-    elif line.startswith('}'):
+    elif line.rstrip() == '}':
       current = None
     elif current is not None:
       bodies[current].append(line)
