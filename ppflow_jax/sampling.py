@@ -170,9 +170,11 @@ class Sampler:
       if not segment.guided:
         return model(x, tb, y, segment.stage)
       if weak is None:
-        both = model(jnp.concatenate([x, x]), jnp.concatenate([tb, tb]),
-                     jnp.concatenate([y, null]), segment.stage)
-        cond, uncond = jnp.split(both, 2)
+        # Sample i's two passes are rows 2i, 2i + 1: a batch-sharded x stays on its devices
+        # (concatenating [x, x] would move half of every pass across the mesh).
+        both = model(_pairs(x, x), _pairs(tb, tb), _pairs(y, null), segment.stage)
+        both = both.reshape((x.shape[0], 2) + both.shape[1:])
+        cond, uncond = both[:, 0], both[:, 1]
       else:  # the "unconditional" slot holds the weak patch's conditional prediction
         cond, uncond = packing.bucketed_forward(model, [x, x], [tb, tb], [y, y],
                                                 self.spec.pack_guidance, (segment.stage, weak))
@@ -264,6 +266,11 @@ class Sampler:
       if on_segment is not None:
         on_segment(seg, carry['x'])
     return carry['x']
+
+
+def _pairs(a: jax.Array, b: jax.Array) -> jax.Array:
+  """(B, ...), (B, ...) -> (2B, ...) interleaved: a[0], b[0], a[1], b[1], ..."""
+  return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
 
 
 def num_evaluations(schedule: stages_lib.Schedule, spec: SamplerSpec) -> list[int]:

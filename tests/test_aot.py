@@ -132,3 +132,14 @@ def test_logical_axis_rules_come_from_the_config():
   assert tuple(fc1(config)) == (None, 'fsdp', 'tensor')        # (layers, embed, mlp)
   config.mesh.rules = tuple(r for r in config.mesh.rules if r[0] != 'mlp') + (('mlp', None),)
   assert tuple(fc1(config)) == (None, 'fsdp', None)
+
+
+def test_benchmark_rows_and_markdown(report):
+  from ppflow_jax.bench import aot as bench_aot  # pylint: disable=g-import-not-at-top
+  cmd = bench_aot.row_command('ppf_xl_2_v5e16_b256_scan_full')
+  assert '--topology=v5e:4x4' in cmd and '--batch=256' in cmd and '--config.model.remat=full' in cmd
+  assert '--programs=train,sample' in bench_aot.row_command('sit_xl_2_v5p32_b1024_unrolled_s')
+  with pytest.raises(ValueError, match='must be'):
+    bench_aot.row_command('ppf_xl_9_v5e16_b256_unrolled')
+  table = bench_aot.markdown([dict(row='tiny', report=report), dict(row='big', error='x')])
+  assert table.count('\n| tiny ') == 3 and '| big |' in table
