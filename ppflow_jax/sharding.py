@@ -76,6 +76,15 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.M
   if int(np.prod(sizes)) != len(devices):
     raise ValueError(f'config.mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, '
                      f'but {len(devices)} are available')
+  slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  if slices > 1:  # multi-slice: the data axis spans slices (DCN), fsdp and tensor stay inside one.
+    if sizes[0] % slices:
+      raise ValueError(f'config.mesh.data={sizes[0]} must be a multiple of the {slices} slices '
+                       '(data parallelism spans slices)')
+    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+    grid = mesh_utils.create_hybrid_device_mesh(
+        (sizes[0] // slices, sizes[1], sizes[2]), (slices, 1, 1), devices)
+    return jax.sharding.Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
   return jax.make_mesh(tuple(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
                        devices=devices)
 

@@ -143,3 +143,15 @@ def test_benchmark_rows_and_markdown(report):
     bench_aot.row_command('ppf_xl_9_v5e16_b256_unrolled')
   table = bench_aot.markdown([dict(row='tiny', report=report), dict(row='big', error='x')])
   assert table.count('\n| tiny ') == 3 and '| big |' in table
+
+
+def test_multi_slice_mesh_puts_data_across_slices():
+  config = report_config()
+  devices = aot.topology_devices('v5e:2x2', num_slices=2)
+  config.mesh.update(data=2, fsdp=-1)
+  mesh = aot.sharding.make_mesh(config, devices)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  assert [{d.slice_index for d in row.flat} for row in mesh.devices] == [{0}, {1}]
+  config.mesh.update(data=1, fsdp=-1)
+  with pytest.raises(ValueError, match='must be a multiple of the 2 slices'):
+    aot.sharding.make_mesh(config, devices)
