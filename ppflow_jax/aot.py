@@ -12,12 +12,12 @@ the programs carry the Mosaic TPU kernels that would run on the pod.
 Reported per program, per chip: the compiler's argument / output / aliased / temporary bytes and
 their peak against the chip's HBM, compiled FLOPs (XLA cost analysis) against `flops.py`'s
 analytic count, collectives by kind with their bytes (hlo.py), the Mosaic kernels, and the
-compile time on this host. XLA's cost analysis counts a loop body once (scanned blocks, sampler
-fori_loops), so the analytic count it is compared with is counted the same way
-(`analytic_flops_as_counted`); `analytic_flops` is the whole call. The roofline step time is an
-ESTIMATE: max(analytic FLOPs / peak bf16 FLOP/s, bytes accessed / HBM bandwidth), the bytes scaled
-by the same loop factor, with the chips' published peaks (CHIPS). Exits with status 2 and one line
-when a program does not fit the chip's HBM.
+compile time on this host. XLA's cost analysis does not multiply loop bodies by their trip
+counts, so for programs with model loops (scanned blocks, sampler fori_loops) its FLOPs and bytes
+are not per call: the useful-FLOP fraction (analytic / compiled) and the memory term of the
+roofline are then left out (None). The roofline step time is an ESTIMATE: max(analytic FLOPs /
+peak bf16 FLOP/s, bytes accessed / HBM bandwidth) with the chips' published peaks (CHIPS). Exits
+with status 2 and one line when a program does not fit the chip's HBM.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def _sds(tree, shardings):
                       tree, shardings)
 
 
-def _measure(name: str, lower, chip: Chip, analytic: float, as_counted: float,
+def _measure(name: str, lower, chip: Chip, analytic: float, loops: bool,
              hlo_dir: str | None = None) -> dict:
   """Lowers and compiles, then reads memory, cost and HLO statistics (per chip)."""
   t0, c0 = time.perf_counter(), time.process_time()
@@ -135,9 +135,8 @@ def _measure(name: str, lower, chip: Chip, analytic: float, as_counted: float,
   stats = hlo.analyze(text)
   compiled_flops = float(cost.get('flops', 0.0))
   bytes_accessed = float(cost.get('bytes accessed', 0.0))
-  loop_factor = analytic / as_counted if as_counted else 1.0
   compute_s = analytic / (chip.peak_bf16_tflops * 1e12)
-  memory_s = bytes_accessed * loop_factor / (chip.hbm_gbytes_per_s * 1e9)
+  memory_s = None if loops else bytes_accessed / (chip.hbm_gbytes_per_s * 1e9)
   return dict(
       # Wall seconds, and CPU seconds of this process (all threads): on a shared host the CPU
       # seconds are the comparable measure.
@@ -145,8 +144,8 @@ def _measure(name: str, lower, chip: Chip, analytic: float, as_counted: float,
       lower_cpu_s=round(c1 - c0, 2), compile_cpu_s=round(c2 - c1, 2),
       memory_bytes=memory, peak_gib=memory['peak'] / GIB, hbm_gib=chip.hbm_gib,
       fits=memory['peak'] <= chip.hbm_gib * GIB,
-      compiled_flops=compiled_flops, analytic_flops=analytic, analytic_flops_as_counted=as_counted,
-      useful_flop_fraction=as_counted / compiled_flops if compiled_flops else None,
+      compiled_flops=compiled_flops, analytic_flops=analytic, cost_counts_loops_once=loops,
+      useful_flop_fraction=analytic / compiled_flops if compiled_flops and not loops else None,
       bytes_accessed=bytes_accessed,
       collectives={k: dict(count=v['count'], bytes=v['bytes'], gib=v['bytes'] / GIB)
                    for k, v in stats.collectives.items()},
@@ -154,16 +153,9 @@ def _measure(name: str, lower, chip: Chip, analytic: float, as_counted: float,
       mosaic_kernels=stats.mosaic_kernels, mosaic_calls=stats.mosaic_calls,
       unknown_trip_counts=stats.unknown_trip_counts,
       roofline_estimate=dict(compute_s=compute_s, memory_s=memory_s,
-                             step_s=max(compute_s, memory_s),
-                             bound='compute' if compute_s >= memory_s else 'memory'))
-
-
-def _scan_counted(config: ml_collections.ConfigDict, stage: int) -> float:
-  """The factor XLA's cost analysis sees of a forward: scanned blocks count once, not depth times."""
-  if not config.model.scan_blocks:
-    return 1.0
-  share = flops_lib.block_share(config, stage)
-  return 1.0 - share + share / config.model.depth
+                             step_s=max(compute_s, memory_s or 0.0),
+                             bound='compute' if memory_s is None or compute_s >= memory_s
+                             else 'memory'))
 
 
 def compile_train(trainer: train.Trainer, chip: Chip, chips: int, hlo_dir: str | None = None
@@ -177,11 +169,9 @@ def compile_train(trainer: train.Trainer, chip: Chip, chips: int, hlo_dir: str |
                                     sharding=trainer.batch_sharding['x']),
           'y': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=trainer.batch_sharding['y'])}
   analytic = flops_lib.training_flops(config, batch)['flops_per_image'] * batch / chips
-  # Packed rows have the finest length: the blocks' share of the finest stage applies.
-  as_counted = analytic * _scan_counted(config, len(trainer.schedule) - 1)
   with jax.set_mesh(trainer.mesh):
-    return _measure('train', lambda: trainer.step.lower(state, data), chip, analytic, as_counted,
-                    hlo_dir)
+    return _measure('train', lambda: trainer.step.lower(state, data), chip, analytic,
+                    config.model.scan_blocks, hlo_dir)
 
 
 def compile_sampler(trainer: train.Trainer, chip: Chip, chips: int, batch: int,
@@ -206,14 +196,11 @@ def compile_sampler(trainer: train.Trainer, chip: Chip, chips: int, batch: int,
     steps = seg.stop - seg.start
     extra = seg.finish_pending + seg.begin_crossing
     analytic = (per_step * steps + extra) * fwd * passes
-    # The fori_loop body (one step) counts once, like the scanned blocks inside it.
-    as_counted = (per_step * min(steps, 1) + extra) * fwd * passes * _scan_counted(config,
-                                                                                    seg.stage)
     name = f'sample/segment{i}_stage{seg.stage}'
     with jax.set_mesh(mesh):
       row = _measure(name, lambda seg=seg: sampler.lower(params, noise, labels, keys, seg,
                                                          sharding.replicated(mesh)),
-                     chip, analytic, as_counted, hlo_dir)
+                     chip, analytic, steps > 1 or config.model.scan_blocks, hlo_dir)
     row.update(stage=seg.stage, tokens=trainer.schedule.num_tokens(seg.stage), steps=steps,
                guided=seg.guided, batch=batch)
     out.append(row)
@@ -289,9 +276,9 @@ def format_report(report: dict) -> str:
         f"{p['roofline_estimate']['step_s'] * 1e3:>8.1f}")
     for kind, c in p['collectives'].items():
       lines.append(f"    {kind:<20}{c['count']:>8.0f} x  {c['gib']:.3f} GiB")
-  lines.append('TFLOP: analytic per chip per call; useful: analytic (as XLA counts loops) / '
-               'compiled; compile s: wall (cpu s: CPU) to lower and compile on this host; est. ms: '
-               'roofline ESTIMATE (see module docstring).')
+  lines.append('TFLOP: analytic per chip per call; useful: analytic / compiled FLOPs (programs '
+               'without model loops); compile s: wall (cpu s: CPU) to lower and compile on this '
+               'host; est. ms: roofline ESTIMATE (see module docstring).')
   return '\n'.join(lines)
 
 

@@ -70,16 +70,6 @@ def timestep_embedder_macs(d: int) -> int:
   return dit.TIME_FREQ_DIM * d + d * d
 
 
-BLOCK_TERMS = ('qkv', 'attn_proj', 'mlp', 'attn_scores', 'attn_values', 'adaln')
-
-
-def block_share(config: ml_collections.ConfigDict, stage: int) -> float:
-  """The fraction of one forward's FLOPs spent in the DiT blocks at `stage` (aot.py uses it to
-  mirror XLA's cost analysis, which counts a scanned block loop's body once)."""
-  terms = forward_flops(config, stage)['terms']
-  return sum(terms.get(k, 0) for k in BLOCK_TERMS) / sum(terms.values())
-
-
 def _sum_terms(terms: list[dict[str, int]]) -> dict[str, int]:
   out: dict[str, int] = {}
   for t in terms:

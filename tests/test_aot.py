@@ -71,7 +71,9 @@ def test_memory_and_cost_fields_are_sane(report):
     assert mem['argument'] > 0 and mem['output'] > 0, (p['program'], mem)
     assert mem['peak'] >= mem['argument'] + mem['temp']
     assert p['fits'] and 0 < p['peak_gib'] < p['hbm_gib'] == 16
-    assert p['compiled_flops'] > 0 and p['analytic_flops'] >= p['analytic_flops_as_counted'] > 0
+    assert p['compiled_flops'] > 0 and p['analytic_flops'] > 0
+    # scanned blocks / sampler loops: XLA counts loop bodies once, so no fraction is claimed
+    assert p['cost_counts_loops_once'] and p['useful_flop_fraction'] is None
     assert p['lower_s'] > 0 and p['compile_s'] > 0
     assert p['unknown_trip_counts'] == 0
   train = report['programs'][0]
