@@ -42,11 +42,12 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from ppflow_jax import models
-from ppflow_jax import sharding
-from ppflow_jax.convert import torch_io
-from ppflow_jax.convert.torch_io import CheckpointMismatchError  # one class for every importer
 from ppflow_jax import paths
 from ppflow_jax import weights
+from ppflow_jax.convert import torch_io
+from ppflow_jax.convert.torch_io import CheckpointMismatchError  # one class for every importer
+from ppflow_jax.models import block_stack
+from ppflow_jax.sharding import replicated
 from ppflow_jax.train import Trainer, TrainState
 
 CHECKPOINTS = 'checkpoints'
@@ -56,7 +57,8 @@ CORRUPT = 'checkpoints_corrupt'
 PARAMS_DIR = 'converted_params'
 PARAMS_CONFIG = 'params_config.json'
 # Model fields that change how the model runs, not what its weights mean.
-UNGUARDED_FIELDS = ('model.attention', 'model.dtype')
+# (model.scan_blocks changes the tree; `check_layout` and the params loaders handle it.)
+UNGUARDED_FIELDS = ('model.attention', 'model.dtype', 'model.scan_blocks', 'model.remat')
 
 
 class ConfigMismatchError(ValueError):
@@ -186,9 +188,21 @@ def tree_differences(saved_metadata, expected, subtrees: tuple[str, ...] | None 
   return out
 
 
+def check_layout(saved_metadata, expected, where: str) -> None:
+  """Refuses, in one line, a training checkpoint whose blocks use the other layout."""
+  saved = block_stack.flat_paths_stacked(flat_paths(saved_metadata), 'params/')
+  wanted = block_stack.flat_paths_stacked(flat_paths(expected), 'params/')
+  if saved != wanted:
+    raise CheckpointMismatchError(
+        f'{where} holds {block_stack.layout_name(saved)} blocks but the config builds '
+        f'{block_stack.layout_name(wanted)} ones: resume it with '
+        f'--config.model.scan_blocks={saved} (params-only checkpoints and init_from convert).')
+
+
 def check_tree(saved_metadata, expected, where: str,
                subtrees: tuple[str, ...] | None = None) -> None:
   """Raises CheckpointMismatchError listing `tree_differences` (at most 20 shown)."""
+  check_layout(saved_metadata, expected, where)
   diffs = tree_differences(saved_metadata, expected, subtrees)
   if diffs:
     shown = '\n  '.join(diffs[:20])
@@ -475,7 +489,7 @@ def _restore_inference_state(manager: ocp.CheckpointManager, directory: str,
                              mesh: jax.sharding.Mesh) -> TrainState:
   """The latest intact step's {step, params, ema}; unusable steps are reported and skipped."""
   params = params_target(config, mesh)
-  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
   target = dict(step=step, params=params, ema=params)
   problems = []
   for step in sorted(manager.all_steps(), reverse=True):
@@ -545,8 +559,21 @@ def load_params(directory: str, config: ml_collections.ConfigDict, mesh: jax.sha
   check_config(json.loads(paths.read_text(fields)), config, f'the params in {path}')
   target = params_target(config, mesh)
   with ocp.StandardCheckpointer() as ckpt:
-    check_tree(ckpt.metadata(path).item_metadata, target, f'the params in {path}')
-    return ckpt.restore(path, target)
+    metadata = ckpt.metadata(path).item_metadata
+    saved_stacked = block_stack.flat_paths_stacked(flat_paths(metadata))
+    if saved_stacked == config.model.scan_blocks:
+      check_tree(metadata, target, f'the params in {path}')
+      return ckpt.restore(path, target)
+    # The other block layout: restore replicated, then convert onto the param shardings.
+    other = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)),
+        block_stack.abstract_to_layout(target, saved_stacked))
+    check_tree(metadata, other, f'the params in {path}')
+    _say(f'the params in {path} have {block_stack.layout_name(saved_stacked)} blocks; converting '
+         f'to {block_stack.layout_name(config.model.scan_blocks)}')
+    return jax.jit(lambda p: block_stack.to_layout(p, config.model.scan_blocks),
+                   out_shardings=jax.tree.map(lambda a: a.sharding, target))(
+                       ckpt.restore(path, other))
 
 
 def load_init_params(init_from: str, config: ml_collections.ConfigDict,

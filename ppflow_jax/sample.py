@@ -87,19 +87,20 @@ def load_params(spec: str, config: ml_collections.ConfigDict, *, progress: bool 
                 say=print) -> dict:
   """Params of `config`'s model from a released name, URL, weight file or converted workdir;
   a PyTorch/safetensors file is converted once and cached under $PPFLOW_CACHE/converted/."""
-  from ppflow_jax import convert  # pylint: disable=g-import-not-at-top
-  if paths.isdir(spec):
-    return convert.restore_params(spec, config)
+  from ppflow_jax import checkpoint, convert, sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(config)
+  if paths.isdir(spec):  # the one params-only format, guarded by its model fields
+    return checkpoint.load_params(spec, config, mesh)
   file = weights.resolve(spec, progress=progress)
   stem = os.path.splitext(os.path.basename(file))[0]
   cached = os.path.join(weights.cache_dir(), 'converted', f'{stem}-{_cache_key(file, config)}')
-  if os.path.isdir(os.path.join(cached, convert.PARAMS_DIR)):
+  if os.path.isdir(os.path.join(cached, checkpoint.PARAMS_DIR)):
     say(f'converted weights: {cached} (cached)')
-    return convert.restore_params(cached, config)
+    return checkpoint.load_params(cached, config, mesh)
   t0 = time.perf_counter()
   params = convert.load_torch_checkpoint(file, config)
   os.makedirs(os.path.dirname(cached), exist_ok=True)
-  convert.save_params(params, cached)
+  checkpoint.save_params(cached, params, config)
   say(f'converted {file} in {time.perf_counter() - t0:.1f} s -> {cached}')
   return params
 
@@ -123,7 +124,7 @@ class Pipeline:
     config = config_for(ckpt, config)
     decoder = None
     if vae:
-      from ppflow_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top
+      from ppflow_jax.convert import vae as vae_lib  # pylint: disable=g-import-not-at-top
       decoder = vae_lib.load_diffusers_vae(weights.resolve(VAES.get(vae, vae), progress=progress))
     return cls.from_params(config, load_params(ckpt, config, progress=progress, say=say),
                            decoder)
@@ -146,13 +147,18 @@ class Pipeline:
     """Latents (N, h, w, C) for the labels; sample i depends only on (seed, i)."""
     labels = np.asarray(class_labels, np.int32)
     parse_labels(','.join(map(str, labels.tolist())), self.config.model.num_classes)
-    noise, keys = report.initial_noise(self.config, len(labels), seed)
+    noise, keys = sampling.index_noise(
+        (self.config.latent.height, self.config.latent.width, self.config.latent.channels),
+        jnp.arange(len(labels)), seed)
     x = self.sampler(**spec_overrides).sample(self.params, noise, jnp.asarray(labels), keys)
     return np.asarray(jax.block_until_ready(x))
 
   def decode(self, latents: np.ndarray) -> np.ndarray:
     """Latents -> uint8 images (N, H, W, C): the VAE decoder, or the latents as images."""
-    return report.to_uint8(report.decode(self.config, jnp.asarray(latents), self.vae))
+    x = jnp.asarray(latents)
+    if self.vae is not None:
+      x = self.vae.decode(x / self.config.vae.scaling_factor)
+    return report.to_uint8(x)
 
   def __call__(self, class_labels: Sequence[int], seed: int = 0, **spec_overrides) -> np.ndarray:
     """uint8 images (N, H, W, C) for `class_labels` (spec overrides: num_steps=, method=, ...)."""

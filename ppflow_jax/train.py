@@ -21,7 +21,6 @@ import optax
 from flax import nnx
 
 from ppflow_jax import flow
-from ppflow_jax import models
 from ppflow_jax import packing
 from ppflow_jax import sharding
 from ppflow_jax import stages as stages_lib
@@ -74,8 +73,11 @@ class Trainer:
                        "(data x fsdp); change the batch size or config.mesh")
     self.bucket_sizes = self.schedule.bucket_sizes(config.train.batch_size)
     self.tx = make_optimizer(config)
-    self.graphdef, abstract_params = models.abstract_params(config, mesh)
-    params_sharding = jax.tree.map(lambda a: a.sharding, abstract_params)
+    abstract = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
+    self.graphdef, abstract_state = nnx.split(abstract)
+    self.rules = sharding.rules_from_config(config)
+    params_sharding = nnx.to_pure_dict(sharding.param_shardings(mesh, abstract_state, self.rules))
+    abstract_params = nnx.to_pure_dict(abstract_state)
     opt_sharding = sharding.opt_state_shardings(
         self.tx, jax.eval_shape(self.tx.init, abstract_params), params_sharding, mesh)
     repl = sharding.replicated(mesh)
@@ -132,7 +134,8 @@ class Trainer:
 
   def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state.params, batch, key)
+    with sharding.axis_rules(self.rules):  # activation constraints follow config.mesh.rules
+      (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state.params, batch, key)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

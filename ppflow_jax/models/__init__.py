@@ -30,6 +30,7 @@ def abstract_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh |
   params = nnx.to_pure_dict(state)
   if mesh is None:
     return graphdef, params
-  shardings = nnx.to_pure_dict(sharding.param_shardings(mesh, state))
+  rules = sharding.rules_from_config(config)
+  shardings = nnx.to_pure_dict(sharding.param_shardings(mesh, state, rules))
   return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 params, shardings)
