@@ -132,8 +132,6 @@ def final_report(model: inference.Inference, workdir: str, evaluator=None) -> di
     save_grid(to_uint8(images[name][:config.sample.num_images]),
               paths.join(workdir, f'samples{suffix}.png'), nrow, 2)
   spec = specs['ppf']
-              paths.join(workdir, f'samples{suffix}.png'), nrow, 2)
-  spec = sampling.SamplerSpec.from_config(config)
   result.update(
       sampler=f'{spec.method}, {spec.num_steps} grid points, CFG {list(config.schedule.cfg_scales)}'
               f' on {spec.cfg_channels} channels',
