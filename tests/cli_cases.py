@@ -30,6 +30,7 @@ def run_case(argv: list[str]) -> dict:
 
 
 if __name__ == '__main__':
+  main_lib.define_flags()  # main defines its flags only when it runs as a command
   with open(sys.argv[1]) as f:
     cases = json.load(f)
   print(json.dumps([run_case(argv) for argv in cases]))
