@@ -1,10 +1,13 @@
 """The training loop: data -> sharded steps -> logs -> checkpoints -> sample grids -> report.
 
-`train_and_evaluate(config, workdir)` is what `main --mode=train` runs. It resumes from the
-latest complete checkpoint in `workdir` (checkpoint.py) and stops with a clear error, without
-saving, if a step produced a non-finite loss or gradient (the state of such a step is never kept).
-On SIGTERM or a JAX preemption sync point it saves the current step and exits with status 0.
-Metrics go to `workdir/metrics.jsonl` (one JSON object per logged step).
+`train_and_evaluate(config, workdir)` is what `main --mode=train` runs. It first takes the
+workdir's run lease (lease.py; a second writer is refused before it touches anything), resumes
+from the latest complete checkpoint in `workdir` (checkpoint.py) and stops with a clear error,
+without saving, if a step produced a non-finite loss or gradient (the state of such a step is
+never kept) or a checkpoint save failed (checked before every step). On SIGTERM or a JAX
+preemption sync point it saves the current step and exits with status 0. Metrics go to
+`workdir/metrics.jsonl` (one JSON object per logged step); `workdir/config.json`, the run record,
+is written once when the run starts and never rewritten.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from absl import logging
 
 from ppflow_jax import checkpoint
 from ppflow_jax import data as data_lib
+from ppflow_jax import lease as lease_lib
 from ppflow_jax import report
 from ppflow_jax import sharding
 from ppflow_jax.train import Trainer, TrainState
@@ -95,10 +99,36 @@ def drop_records_after(path: str, step: int) -> None:
     f.writelines(lines)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> tuple[Trainer, TrainState]:
-  """Trains `config` in `workdir` (resuming if it holds checkpoints) -> (trainer, final state)."""
+RUN_RECORD = 'config.json'
+
+
+def write_run_record(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes `workdir/config.json` unless it exists: it describes the run that wrote the
+  checkpoints beside it (each checkpoint step also keeps the config it was trained with)."""
+  path = os.path.join(workdir, RUN_RECORD)
+  if jax.process_index() == 0 and not os.path.exists(path):
+    with open(path, 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       force: bool = False) -> tuple[Trainer, TrainState]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints) -> (trainer, final state).
+
+  Args:
+    force: take the workdir's run lease over from a holder that still looks alive.
+  Raises:
+    lease.LeaseHeldError: another process is training in `workdir` (nothing was written).
+    checkpoint.CheckpointWriteError: a save failed; the last complete step is kept.
+  """
   os.makedirs(workdir, exist_ok=True)
+  with lease_lib.RunLease(workdir, expiry_s=config.checkpoint.lease_expiry_s,
+                          force=force) as lease:
+    return _train(config, workdir, lease)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           lease: lease_lib.RunLease) -> tuple[Trainer, TrainState]:
   mesh = sharding.make_mesh(config)
   trainer = Trainer(config, mesh)
   lead = jax.process_index() == 0
@@ -106,8 +136,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       config, global_batch_size=config.train.batch_size, process_index=jax.process_index(),
       process_count=jax.process_count(), seed=config.seed)
   encoder = OnlineEncoder(config, trainer) if needs_online_encoding(config) else None
-  ckpt = checkpoint.Checkpointer(workdir, config, trainer)
-  state = ckpt.restore_or_init(data_iter)
+  ckpt = checkpoint.Checkpointer(workdir, config, trainer, lease=lease)
+  try:
+    state = ckpt.restore_or_init(data_iter)
+  except BaseException:
+    ckpt.close()
+    raise
+  write_run_record(config, workdir)
   start = int(jax.device_get(state.step))
   total = config.train.steps
   logging.info('training %s from step %d to %d in %s', config.model.size, start, total, workdir)
@@ -123,6 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   try:
     with jax.set_mesh(mesh):
       for step in range(start + 1, total + 1):
+        ckpt.check_saves()
         batch = global_batch(next(data_iter), trainer)
         if encoder is not None:
           batch = encoder(batch, step)
