@@ -85,7 +85,9 @@ def _short(e: BaseException) -> str:
   while (e.__cause__ or e.__context__) is not None:
     e = e.__cause__ or e.__context__
   text = (str(e).strip() or repr(e)).split('\n')[0]
-  return f'{type(e).__name__}: {text[:300]}'
+  if len(text) > 300:  # tensorstore puts the OS's reason ("File too large") last.
+    text = f'{text[:160]} ... {text[-140:]}'
+  return f'{type(e).__name__}: {text}'
 
 
 def _key(k) -> str:
