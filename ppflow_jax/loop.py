@@ -159,6 +159,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     with jax.set_mesh(mesh):
       for step in range(start + 1, total + 1):
         ckpt.check_saves()
+        if jax.process_count() == 1:  # A flag read; multi-process jobs check at saves (collective).
+          lease.check()
         batch = global_batch(next(data_iter), trainer)
         if encoder is not None:
           batch = encoder(batch, step)

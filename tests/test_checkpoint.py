@@ -351,6 +351,22 @@ def test_corrupt_latest_checkpoint_falls_back(copy, trainer, capsys, damage, rea
   assert saved_steps(copy)[-1] == previous
 
 
+def test_failed_synchronous_save_names_the_last_good_step(copy, trainer, monkeypatch):
+  c = small_config()
+  c.checkpoint.async_save = False
+  ckpt = checkpoint.Checkpointer(copy, c, trainer)
+  state = ckpt.restore_or_init(None)
+  def full(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+  monkeypatch.setattr(ckpt.manager, 'save', full)
+  with pytest.raises(checkpoint.CheckpointWriteError) as e:
+    ckpt.save(STEPS + 1, state, None, force=True)
+  ckpt.close()
+  assert str(e.value) == (f'checkpoint step {STEPS + 1} could not be written: OSError: [Errno 28] '
+                          f'No space left on device; the last good step is {STEPS}')
+  assert saved_steps(copy)[-1] == STEPS
+
+
 def test_interrupted_write_is_reported_and_ignored(copy, trainer, capsys):
   tmp = os.path.join(copy, 'checkpoints', f'{STEPS + EVERY}.orbax-checkpoint-tmp-1234')
   shutil.copytree(os.path.join(copy, 'checkpoints', str(STEPS)), tmp)
