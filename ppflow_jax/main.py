@@ -5,8 +5,8 @@ workdir, then writes the run report), `sample` (a class-conditional grid from th
 weights, recorded in samples.json) and `sample_fid` (evaluation/sample.py: N samples as an ADM
 .npz with an eval card). Sampling modes only read the workdir's checkpoints and config.json.
 A second `train` on a busy workdir exits with status 2; a failed checkpoint save with status 1,
-each with one line on stderr. Any config field can be
-overridden: `--config.train.steps=100 --config.schedule.cfg_scales='(1.0, 4.0)'`.
+each with one line on stderr. Any config field can be overridden:
+`--config.train.steps=100 --config.schedule.cfg_scales='(1.0, 4.0)'`.
 Multi-process runs call `jax.distributed.initialize()` (automatic on TPU VMs; on GPU clusters
 pass --coordinator_address, --num_processes and --process_id, see launch/).
 """
