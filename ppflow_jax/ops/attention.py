@@ -7,7 +7,7 @@ segments are replaced by a large negative number); an additive 0/1 float mask, a
 PPFlow code, would let packed samples attend to each other.
 
 Implementations (`impl`, config field `model.attention`):
-  'xla'        dense scores in float32; the reference and the CPU path.
+  'xla'        dense scores in float32 on canonical batched matmuls; the reference and CPU path.
   'splash'     TPU Pallas splash attention with `SegmentIds`.
   'pallas_gpu' Triton flash attention (jax.experimental.pallas.ops.gpu) with segment ids.
   'cudnn'      cuDNN flash attention via `jax.nn.dot_product_attention`, for unpacked batches.
@@ -58,11 +58,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
       then run per shard in `jax.shard_map`. None: the ambient mesh of `jax.set_mesh`, if any.
     interpret: run the Pallas kernels in interpret mode; None = only when the backend is CPU.
 
+  The backend is the platform of the mesh's devices (`mesh`, else the ambient one), so a program
+  compiled ahead of time for a TPU topology from a CPU host gets the Mosaic TPU kernels; without
+  a mesh it is the process default backend.
+
   Returns:
     (B, L, H, D) in q.dtype.
   """
   _check_inputs(q, k, v, segment_ids)
-  backend = _backend()
+  backend = _backend(mesh)
   chosen = select_impl(impl, backend=backend, segmented=segment_ids is not None, dtype=q.dtype,
                        seq_len=q.shape[1], head_dim=q.shape[3])
   if chosen == 'xla':  # plain XLA ops: the partitioner shards them like the rest of the model.
@@ -108,8 +112,14 @@ def select_impl(impl: str, *, backend: str, segmented: bool, dtype, seq_len: int
   return impl
 
 
-def _backend() -> str:
-  return jax.default_backend()
+def _backend(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) -> str:
+  """'cpu' | 'gpu' | 'tpu': the platform the program is compiled for (see `attention`)."""
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  if isinstance(mesh, jax.sharding.Mesh):
+    mesh = mesh.abstract_mesh
+  device = None if mesh.empty else mesh.abstract_device
+  platform = jax.default_backend() if device is None else device.platform
+  return 'gpu' if platform in ('cuda', 'rocm') else platform
 
 
 def _check_inputs(q, k, v, segment_ids) -> None:
@@ -124,15 +134,25 @@ def _check_inputs(q, k, v, segment_ids) -> None:
 
 
 def _xla_attention(q, k, v, segment_ids):
-  """The reference: (B, L, H, D) -> (B, L, H, D), scores and softmax in float32."""
+  """The reference and the CPU path: (B, L, H, D) -> (B, L, H, D), scores and softmax in float32.
+
+  Written for XLA's dot emitter (measured on CPU, docs/attention.md): heads move before length so
+  both products are canonical batched matmuls (batch dims leading), q is scaled before the
+  product (L*D multiplies instead of L*L), and the softmax is normalised after the product with
+  v (one divide per output element instead of one per score; exp(s - max) is in [0, 1]).
+  """
   scale = 1.0 / math.sqrt(q.shape[-1])
-  s = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+  q = (q.astype(jnp.float32) * scale).astype(q.dtype)  # rounded once, as the kernels do
+  q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, H, L, D)
+  s = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
   if segment_ids is not None:
     same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, Lq, Lk)
     s = jnp.where(same[:, None], s, _MASK_VALUE)
-  p = jax.nn.softmax(s, axis=-1)
-  out = jnp.einsum('bhqk,bkhd->bqhd', p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return out.astype(q.dtype)
+  # The max only shifts the exponent (it cancels in the ratio), so it needs no gradient.
+  e = jnp.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True)))
+  out = jnp.einsum('bhqk,bhkd->bhqd', e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = out / e.sum(axis=-1, keepdims=True)
+  return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 def _splash_attention(q, k, v, segment_ids, *, interpret: bool):
