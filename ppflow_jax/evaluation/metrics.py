@@ -140,6 +140,8 @@ def _sq_dists(a: np.ndarray, b: np.ndarray, distances: str = 'float32') -> np.nd
       return d.astype(np.float32)
     distances = 'float32'
   a, b = np.asarray(a, distances), np.asarray(b, distances)
+  if np.shares_memory(a, b):  # BLAS would take its symmetric (syrk) path for a block against
+    b = b.copy()              # itself: keep the arithmetic of every block the same.
   d = (a * a).sum(1)[:, None] - 2 * (a @ b.T) + (b * b).sum(1)[None, :]
   return np.maximum(d, 0)
 
