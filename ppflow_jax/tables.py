@@ -7,8 +7,9 @@ Every measured table in README.md and docs/*.md sits between two markers,
   <!-- end table: NAME -->
 
 and is rendered here from its JSON artifact (written by the run that measured it: the default
-run's `report.json`, `bench.sample --json`, `bench.train --json`, `compare.json`, the mini
-reproduction's `results.json`) with the same formatting code as that run's own Markdown.
+run's `report.json`, `compare.json`, the mini reproduction's `results.json`; the benchmarks write
+theirs with `--json` and can join TABLES once a run is committed) with the same formatting code
+as that run's own Markdown.
 
   python -m ppflow_jax.tables           # rewrite the tables from the JSON files
   python -m ppflow_jax.tables --check   # exit 1 if a table differs from its JSON (CI runs this)
@@ -47,13 +48,6 @@ def mini_repro_table(result: dict) -> str:
   return _lines(mini_repro.markdown(result), lambda l: l.startswith('|'))
 
 
-def bench_table(result: dict) -> str:
-  from ppflow_jax.bench import common  # pylint: disable=g-import-not-at-top
-  from ppflow_jax.bench import sample, train  # pylint: disable=g-import-not-at-top
-  table = sample.table if result['benchmark'] == 'sample' else train.table
-  return common.markdown_table(*table(result))
-
-
 @dataclasses.dataclass(frozen=True)
 class Table:
   name: str
@@ -64,10 +58,6 @@ class Table:
 
 TABLES = (
     Table('default_report', ('README.md',), 'docs/results/default_report.json', default_report),
-    Table('bench_sample_cpu', ('README.md', 'docs/bench.md'), 'docs/results/bench_sample_cpu.json',
-          bench_table),
-    Table('bench_train_cpu', ('README.md', 'docs/bench.md'), 'docs/results/bench_train_cpu.json',
-          bench_table),
     Table('compare', ('docs/variants.md',), 'docs/compare_results.json', compare_table),
     Table('mini_repro', ('docs/mini_repro.md',), 'docs/mini_repro_results.json', mini_repro_table),
     Table('mini_repro_ft50', ('docs/mini_repro.md',), 'docs/mini_repro_ft50_results.json',
