@@ -14,9 +14,11 @@ from conftest import ROOT
 from ppflow_jax import flops
 from ppflow_jax import sampling
 from ppflow_jax import stages as stages_lib
+from ppflow_jax.bench import attention as bench_attention
 from ppflow_jax.bench import common
 from ppflow_jax.bench import sample as bench_sample
 from ppflow_jax.bench import train as bench_train
+from ppflow_jax.bench import vs_torch
 
 OPTS = dict(common.TINY, depth=1, hidden_size=32, dtype='float32', attention='auto', repeats=1,
             cfg_scale=1.5)
@@ -84,3 +86,53 @@ def test_sample_cli_writes_json(tmp_path):
   result = json.loads(out.read_text())
   assert result['benchmark'] == 'sample' and result['device']['platform'] == 'cpu'
   assert result['sampler'] == dict(method='heun', num_steps=9)
+
+
+def test_vs_torch_acceptance_names_what_fails():
+  stage = lambda patch, ratio: dict(patch=patch, jax_over_torch=ratio)
+  results = [dict(label='SiT', stages=[stage([2, 2], 0.9)], jax_speedup_vs_bound=1.0),
+             dict(label='PPF-2', stages=[stage([4, 4], 1.2), stage([2, 2], 1.0)],
+                  jax_speedup_vs_bound=1.15)]
+  got = vs_torch.acceptance(results)
+  assert got['stages_slower_than_torch'] == ['PPF-2 4x4: 1.20x']
+  assert got['speedups_off_bound'] == ['PPF-2: 1.15 of the bound']
+  assert not got['every_stage_at_most_torch'] and not got['speedups_within_10pct_of_bound']
+  results[1].update(stages=[stage([4, 4], 1.0)], jax_speedup_vs_bound=0.95)
+  assert vs_torch.acceptance(results) == dict(
+      every_stage_at_most_torch=True, stages_slower_than_torch=[],
+      speedups_within_10pct_of_bound=True, speedups_off_bound=[])
+
+
+def test_gpu_suite_runs_end_to_end_on_cpu(tmp_path):
+  """The accelerator suite (sampling and training, ours vs torch) at a tiny size on CPU."""
+  pytest.importorskip('torch')
+  out = tmp_path / 'suite.json'
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'ppflow_jax.bench.suite', '--tiny', '--models=ppf2',
+       '--dtype=float32', '--torch_threads=1', f'--json={out}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+  assert '| PPF-2 |' in proc.stdout and '| PPF-2 | torch | n/a |' in proc.stdout
+  result = json.loads(out.read_text())
+  (ppf2,) = result['sampling']
+  assert ppf2['cfg_scales'] == [1.0, 3.0]  # the paper's per-stage scales
+  # Same weights, noise, plan and CFG on both sides: the samples agree.
+  assert ppf2['max_sample_diff'] < 1e-4
+  assert [s['evaluations'] for s in ppf2['stages']] == [5, 3]
+  assert all(s['torch_ms_per_eval']['median'] > 0 for s in ppf2['stages'])
+  jax_runs, torch_runs = result['training']['jax'], result['training']['torch']
+  assert [r['packing'] for r in jax_runs] == [False, True]
+  assert [r['bucket_sizes'] for r in torch_runs] == [[2, 2]]
+  assert all(r['images_per_second'] > 0 and r['mfu'] is None for r in jax_runs + torch_runs)
+
+
+def test_attention_candidates_agree_and_are_timed():
+  opts = dict(batch=2, heads=2, head_dim=8, dtype='float32', lengths=[16], rounds=1, calls=1)
+  rows = bench_attention.bench_length(16, opts)  # asserts every candidate matches ops.attention
+  names = {'xla', 'einsum_blhd', 'jax_dpa'}
+  assert names <= {r['candidate'] for r in rows}
+  assert {r['segments'] for r in rows} == {'none', 'packed'}
+  assert all(r['ms']['median'] > 0 for r in rows)
+  headers, table_rows = bench_attention.table(dict(options=opts, results=rows))
+  assert [r[:2] for r in table_rows] == [['16', 'none'], ['16', 'packed']]
+  assert table_rows[0][-1] in names | {'torch_sdpa'}

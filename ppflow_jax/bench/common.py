@@ -73,12 +73,14 @@ def model_options(f=None) -> dict:
 def make_config(name: str, *, size: str, depth: int = 0, hidden_size: int = 0,
                 num_heads: int = 0, latent: int = 32, channels: int = 4, num_classes: int = 1000,
                 dtype: str = 'bfloat16', attention: str = 'auto', cfg_scale: float = 1.0,
+                cfg_scales: tuple[float, ...] | None = None,
                 **unused) -> ml_collections.ConfigDict:
   """The resolved config of model `name` ('sit' | 'ppf2' | 'ppf3') with the paper's schedule
-  and one CFG scale for every stage (so CFG costs the same fraction in every model)."""
+  and one CFG scale for every stage (so CFG costs the same fraction in every model), or
+  `cfg_scales` per stage."""
   del unused
   stages = MODELS[name]
-  c = config_lib.imagenet_config(size, stages, (cfg_scale,) * stages)
+  c = config_lib.imagenet_config(size, stages, cfg_scales or (cfg_scale,) * stages)
   c.model.update(depth=depth, hidden_size=hidden_size, num_heads=num_heads,
                  num_classes=num_classes, dtype=dtype, attention=attention)
   c.latent.update(height=latent, width=latent, channels=channels)

@@ -7,7 +7,7 @@ segments are replaced by a large negative number); an additive 0/1 float mask, a
 PPFlow code, would let packed samples attend to each other.
 
 Implementations (`impl`, config field `model.attention`):
-  'xla'        dense scores in float32; the reference and the CPU path.
+  'xla'        dense scores in float32 on canonical batched matmuls; the reference and CPU path.
   'splash'     TPU Pallas splash attention with `SegmentIds`.
   'pallas_gpu' Triton flash attention (jax.experimental.pallas.ops.gpu) with segment ids.
   'cudnn'      cuDNN flash attention via `jax.nn.dot_product_attention`, for unpacked batches.
@@ -124,15 +124,25 @@ def _check_inputs(q, k, v, segment_ids) -> None:
 
 
 def _xla_attention(q, k, v, segment_ids):
-  """The reference: (B, L, H, D) -> (B, L, H, D), scores and softmax in float32."""
+  """The reference and the CPU path: (B, L, H, D) -> (B, L, H, D), scores and softmax in float32.
+
+  Written for XLA's dot emitter (measured on CPU, docs/attention.md): heads move before length so
+  both products are canonical batched matmuls (batch dims leading), q is scaled before the
+  product (L*D multiplies instead of L*L), and the softmax is normalised after the product with
+  v (one divide per output element instead of one per score; exp(s - max) is in [0, 1]).
+  """
   scale = 1.0 / math.sqrt(q.shape[-1])
-  s = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+  q = (q.astype(jnp.float32) * scale).astype(q.dtype)  # rounded once, as the kernels do
+  q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, H, L, D)
+  s = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
   if segment_ids is not None:
     same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, Lq, Lk)
     s = jnp.where(same[:, None], s, _MASK_VALUE)
-  p = jax.nn.softmax(s, axis=-1)
-  out = jnp.einsum('bhqk,bkhd->bqhd', p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return out.astype(q.dtype)
+  # The max only shifts the exponent (it cancels in the ratio), so it needs no gradient.
+  e = jnp.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True)))
+  out = jnp.einsum('bhqk,bhkd->bhqd', e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = out / e.sum(axis=-1, keepdims=True)
+  return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 def _splash_attention(q, k, v, segment_ids, *, interpret: bool):

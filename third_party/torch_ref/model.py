@@ -85,8 +85,8 @@ class SelfAttention(nn.Module):
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     b, l, d = x.shape
     q, k, v = self.qkv(x).reshape(b, l, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-    w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads), dim=-1)
-    return self.proj((w @ v).transpose(1, 2).reshape(b, l, d))
+    out = F.scaled_dot_product_attention(q, k, v)  # torch's fused kernel, scale 1/sqrt(D)
+    return self.proj(out.transpose(1, 2).reshape(b, l, d))
 
 
 class FeedForward(nn.Module):

@@ -1,0 +1,140 @@
+"""Attention formulations timed side by side: how `ops.attention`'s XLA path was chosen.
+
+Candidates, each on q, k, v of (B, L, H, D) (and (B, L) segment ids for the packed variant):
+  xla          `ops.attention(impl='xla')`: heads before length, q pre-scaled, late normalisation;
+  einsum_blhd  the textbook formulation on the (B, L, H, D) layout (the project's previous path);
+  jax_dpa      `jax.nn.dot_product_attention(implementation='xla')` (boolean mask when packed);
+  torch_sdpa   torch's fused `scaled_dot_product_attention` on (B, H, L, D) (if torch is here).
+Every candidate is timed in each of `--rounds` interleaved rounds (`--calls` calls each), so load
+from other processes spreads over all of them; the median and min-max of the calls are reported.
+The default sizes are SiT/PPF-S at a CFG-doubled batch of 16 and the stage lengths 256/128/64.
+
+  python -m ppflow_jax.bench.attention --json=docs/attention_cpu.json --markdown
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from ppflow_jax.bench import common
+from ppflow_jax.ops import attention as attention_ops
+
+
+def einsum_blhd(q, k, v, segment_ids):
+  """Softmax attention written on the (B, L, H, D) layout, normalised before the product."""
+  s = jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(q.shape[-1])
+  if segment_ids is not None:
+    s = jnp.where((segment_ids[:, :, None] == segment_ids[:, None, :])[:, None], s, -jnp.inf)
+  return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(s, axis=-1), v)
+
+
+def jax_dpa(q, k, v, segment_ids):
+  mask = (None if segment_ids is None
+          else (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None])
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
+
+
+JAX_CANDIDATES = {
+    'xla': lambda q, k, v, s: attention_ops.attention(q, k, v, s, impl='xla'),
+    'einsum_blhd': einsum_blhd,
+    'jax_dpa': jax_dpa,
+}
+
+
+def _torch_candidate(q, k, v, segment_ids):
+  """torch SDPA on copies of the inputs in its (B, H, L, D) layout, or None without torch."""
+  try:
+    import torch
+  except ImportError:
+    return None
+  tq, tk, tv = (torch.tensor(np.asarray(x)).transpose(1, 2).contiguous() for x in (q, k, v))
+  mask = None
+  if segment_ids is not None:
+    ids = torch.tensor(np.asarray(segment_ids))
+    mask = (ids[:, :, None] == ids[:, None, :])[:, None]
+
+  def run():
+    with torch.no_grad():
+      return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=mask)
+  return run
+
+
+def bench_length(length: int, opts: dict) -> list[dict]:
+  """Every candidate at sequence length `length`, unpacked and packed (4 equal segments)."""
+  b, h, d = opts['batch'], opts['heads'], opts['head_dim']
+  keys = jax.random.split(jax.random.key(0), 3)
+  q, k, v = (jax.random.normal(key, (b, length, h, d), jnp.dtype(opts['dtype'])) for key in keys)
+  packed = jnp.broadcast_to(jnp.repeat(jnp.arange(1, 5, dtype=jnp.int32), length // 4),
+                            (b, length))
+  runs = {}
+  for seg_name, seg in (('none', None), ('packed', packed)):
+    for name, fn in JAX_CANDIDATES.items():
+      compiled = jax.jit(fn)
+      ref = compiled(q, k, v, seg)
+      runs[(name, seg_name)] = lambda c=compiled, s=seg: jax.block_until_ready(c(q, k, v, s))
+      if name == 'xla':
+        want = np.asarray(ref)
+    t = _torch_candidate(q, k, v, seg)
+    if t is not None:
+      runs[('torch_sdpa', seg_name)] = t
+      np.testing.assert_allclose(t().transpose(1, 2).numpy(), want, atol=1e-4, rtol=1e-4)
+    for name in JAX_CANDIDATES:  # every candidate computes the same thing
+      np.testing.assert_allclose(np.asarray(runs[(name, seg_name)]()), want, atol=1e-4, rtol=1e-4)
+  times = {key: [] for key in runs}
+  for _ in range(opts['rounds']):
+    for key, run in runs.items():
+      for _ in range(opts['calls']):
+        start = time.perf_counter()
+        run()
+        times[key].append(1e3 * (time.perf_counter() - start))
+  return [dict(length=length, candidate=name, segments=seg_name, ms=common.spread(t))
+          for (name, seg_name), t in times.items()]
+
+
+def table(result: dict) -> tuple[list[str], list[list[str]]]:
+  names = list(dict.fromkeys(r['candidate'] for r in result['results']))
+  headers = ['L', 'segments'] + [f'{n} ms' for n in names] + ['fastest']
+  cells = {(r['length'], r['segments'], r['candidate']): r['ms'] for r in result['results']}
+  rows = []
+  for length in result['options']['lengths']:
+    for seg in ('none', 'packed'):
+      got = {n: cells[(length, seg, n)] for n in names if (length, seg, n) in cells}
+      best = min(got, key=lambda n: got[n]['median'])
+      rows.append([str(length), seg] + [
+          f"{got[n]['median']:.1f} ({got[n]['min']:.0f}-{got[n]['max']:.0f})" if n in got
+          else '-' for n in names] + [best])
+  return headers, rows
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  f = flags.FLAGS
+  opts = dict(batch=f.batch, heads=f.heads, head_dim=f.head_dim, dtype=f.dtype,
+              lengths=[int(x) for x in f.lengths], rounds=f.rounds, calls=f.calls)
+  results = [r for length in opts['lengths'] for r in bench_length(length, opts)]
+  result = dict(benchmark='attention', device=common.device_info(), options=opts,
+                results=results)
+  print(f"{result['device']['device_kind']}, jax {result['device']['jax']}: q, k, v "
+        f"({opts['batch']}, L, {opts['heads']}, {opts['head_dim']}) {opts['dtype']}, "
+        f"{opts['rounds']} interleaved rounds x {opts['calls']} calls, median (min-max) ms")
+  print(common.write_outputs(result, *table(result), json_path=f.json, markdown=f.markdown))
+
+
+if __name__ == '__main__':
+  flags.DEFINE_integer('batch', 16, 'Rows (a CFG-doubled batch of 8 images).')
+  flags.DEFINE_integer('heads', 6, 'Heads (S: 6).')
+  flags.DEFINE_integer('head_dim', 64, 'Head dim (S/B/L: 64, XL: 72).')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'q, k, v dtype.')
+  flags.DEFINE_list('lengths', ['256', '128', '64'], 'Sequence lengths (the stages\' tokens).')
+  flags.DEFINE_integer('rounds', 5, 'Interleaved rounds.')
+  flags.DEFINE_integer('calls', 2, 'Timed calls per candidate per round.')
+  flags.DEFINE_string('json', '', 'Write the results as JSON to this file.')
+  flags.DEFINE_bool('markdown', False, 'Print a Markdown table.')
+  app.run(main)
