@@ -36,8 +36,9 @@ def _lines(markdown: str, keep: Callable[[str], bool]) -> str:
 def default_report(result: dict) -> str:
   """The end-of-run report's table, bound and per-evaluation lines (report.py)."""
   from ppflow_jax import report  # pylint: disable=g-import-not-at-top
-  return _lines(report.report_markdown(result),
-                lambda l: l.startswith(('|', 'FLOPs bound', 'Milliseconds')))
+  text = report.report_markdown(result)
+  extra = [l for l in text.splitlines() if l.startswith(('FLOPs bound', 'Milliseconds'))]
+  return '\n\n'.join([_lines(text, lambda l: l.startswith('|'))] + extra)
 
 
 def compare_table(result: dict) -> str:
