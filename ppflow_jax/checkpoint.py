@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -42,6 +41,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from ppflow_jax import paths
+from ppflow_jax import weights
 from ppflow_jax.train import Trainer, TrainState
 
 CHECKPOINTS = 'checkpoints'
@@ -216,8 +217,8 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, trainer: Trainer):
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, CHECKPOINTS)
+    self.workdir = paths.absolute(workdir, 'workdir')
+    self.directory = paths.join(self.workdir, CHECKPOINTS)
     self.config = config
     self.trainer = trainer
     self.every = config.checkpoint.every_steps
@@ -250,9 +251,9 @@ class Checkpointer:
   def _report_unfinished_writes(self) -> None:
     """Orbax writes into `<step>.orbax-checkpoint-tmp*` and renames when complete; leftovers are
     saves that a kill interrupted (the manager deletes them)."""
-    if not os.path.isdir(self.directory):
+    if not paths.isdir(self.directory):
       return
-    for name in sorted(os.listdir(self.directory)):
+    for name in sorted(p.name for p in paths.as_path(self.directory).iterdir()):
       if '.orbax-checkpoint-tmp' in name:
         _say(f'checkpoint step {name.split(".")[0]} in {self.directory} was still being written '
              f'when the previous run stopped ({name}); it is incomplete and will be deleted.',
@@ -277,15 +278,15 @@ class Checkpointer:
       except _Corrupt as e:
         problems.append(f'step {step}: {e}')
         _say(f'checkpoint step {step} in {self.directory} is unusable: {e}. '
-             f'Moving it to {os.path.join(self.workdir, CORRUPT)} and trying the previous one.',
+             f'Moving it to {paths.join(self.workdir, CORRUPT)} and trying the previous one.',
              warn=True)
         self._quarantine(step)
         continue
-      _say(f'resuming from step {step} ({os.path.join(self.directory, str(step))})')
+      _say(f'resuming from step {step} ({paths.join(self.directory, str(step))})')
       return state
     raise CorruptCheckpointError(
         f'no checkpoint in {self.directory} could be restored:\n  ' + '\n  '.join(problems) +
-        f'\nThey were moved to {os.path.join(self.workdir, CORRUPT)}; rerun to start from '
+        f'\nThey were moved to {paths.join(self.workdir, CORRUPT)}; rerun to start from '
         'scratch (or from config.train.init_from).')
 
   def _restore_step(self, step: int, expected: dict, data_iter) -> TrainState:
@@ -306,10 +307,10 @@ class Checkpointer:
   def _restore_data(self, step: int, data_iter) -> None:
     """Repositions the grain iterator; a changed process count reuses process 0's position
     (valid for data/pipeline.py, whose position counts global batches)."""
-    item = os.path.join(self.directory, str(step), 'data')
+    item = paths.join(self.directory, str(step), 'data')
     mine = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
-    saved = sorted(f for f in (os.listdir(item) if os.path.isdir(item) else [])
-                   if f.startswith('process_') and f.endswith('.json'))
+    saved = sorted(f.name for f in (paths.as_path(item).iterdir() if paths.isdir(item) else [])
+                   if f.name.startswith('process_') and f.name.endswith('.json'))
     try:
       if mine in saved:
         self.manager.restore(step, args=ocp.args.Composite(
@@ -318,8 +319,7 @@ class Checkpointer:
         other = next((f for f in saved if f.startswith('process_0-')), saved[0])
         _say(f'checkpoint step {step} holds the data position of another process count '
              f'({other}); using it for this process.', warn=True)
-        with open(os.path.join(item, other)) as f:
-          data_iter.set_state(json.load(f))
+        data_iter.set_state(json.loads(paths.read_text(paths.join(item, other))))
       else:
         _say(f'checkpoint step {step} has no data-iterator state; the data stream restarts from '
              'its beginning (the run is no longer an exact continuation).', warn=True)
@@ -329,11 +329,11 @@ class Checkpointer:
   def _quarantine(self, step: int) -> None:
     """Moves an unusable step out of the manager's directory so new saves can reuse its number."""
     if jax.process_index() == 0:
-      dest = os.path.join(self.workdir, CORRUPT, str(step))
-      if os.path.exists(dest):
+      dest = paths.join(self.workdir, CORRUPT, str(step))
+      if paths.exists(dest):
         dest += f'-{int(time.time())}'
-      os.makedirs(os.path.dirname(dest), exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), dest)
+      paths.makedirs(paths.join(self.workdir, CORRUPT))
+      paths.as_path(paths.join(self.directory, str(step))).rename(dest)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'ppflow_quarantine_{step}')
     self.manager.reload()
@@ -404,7 +404,7 @@ def _read_step_metadata(manager: ocp.CheckpointManager, step: int):
     raise _Corrupt('its state metadata (state/_METADATA) is missing')
   saved = {}
   for name in ('config', 'checksum'):
-    if not os.path.isdir(os.path.join(str(manager.directory), str(step), name)):
+    if not paths.isdir(paths.join(str(manager.directory), str(step), name)):
       saved[name] = None  # Written without it (older version): nothing to check.
       continue
     try:
@@ -439,9 +439,9 @@ def restore_for_inference(workdir: str, config: ml_collections.ConfigDict,
   needed: `opt_state` and `rng` are None), else params written by `save_params` / the converter
   into `workdir` (then EMA = params, step 0).
   """
-  workdir = os.path.abspath(workdir)
-  directory = os.path.join(workdir, CHECKPOINTS)
-  if os.path.isdir(directory):
+  workdir = paths.absolute(workdir, 'workdir')
+  directory = paths.join(workdir, CHECKPOINTS)
+  if paths.isdir(directory):
     manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0,
                                                         create=False),
@@ -454,7 +454,7 @@ def restore_for_inference(workdir: str, config: ml_collections.ConfigDict,
         return _restore_inference_state(manager, directory, config, trainer)
     finally:
       manager.close()
-  if os.path.isdir(os.path.join(workdir, PARAMS_DIR)):
+  if paths.isdir(paths.join(workdir, PARAMS_DIR)):
     params = load_params(workdir, config, trainer)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
                       opt_state=None, rng=None)
@@ -501,15 +501,15 @@ def save_params(directory: str, params, config: ml_collections.ConfigDict) -> st
     params: pure dict of arrays (`nnx.to_pure_dict` layout) of the model of `config`.
     config: the resolved config of that model (checked again by `load_params`).
   """
-  directory = os.path.abspath(directory)
-  path = os.path.join(directory, PARAMS_DIR)
-  if os.path.exists(path):
+  directory = paths.absolute(directory)
+  path = paths.join(directory, PARAMS_DIR)
+  if paths.exists(path):
     raise FileExistsError(f'{path} exists; remove it or pick another directory')
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(path, params)
   if jax.process_index() == 0:
-    with open(os.path.join(directory, PARAMS_CONFIG), 'w') as f:
-      json.dump(config_json(config), f, indent=2)
+    paths.write_text(paths.join(directory, PARAMS_CONFIG), json.dumps(config_json(config),
+                                                                       indent=2))
   return path
 
 
@@ -521,17 +521,16 @@ def load_params(directory: str, config: ml_collections.ConfigDict, trainer: Trai
   Raises:
     ConfigMismatchError / CheckpointMismatchError: written for another model.
   """
-  directory = os.path.abspath(directory)
-  if os.path.basename(directory) == PARAMS_DIR:
-    directory = os.path.dirname(directory)
-  path = os.path.join(directory, PARAMS_DIR)
-  if not os.path.isdir(path):
+  directory = paths.absolute(directory).rstrip('/')
+  if directory.endswith('/' + PARAMS_DIR):
+    directory = directory[:-len(PARAMS_DIR) - 1]
+  path = paths.join(directory, PARAMS_DIR)
+  if not paths.isdir(path):
     raise FileNotFoundError(f'{directory} holds no {PARAMS_DIR}/: write it with '
                             'checkpoint.save_params or python -m ppflow_jax.convert')
   saved = None
-  if os.path.exists(os.path.join(directory, PARAMS_CONFIG)):
-    with open(os.path.join(directory, PARAMS_CONFIG)) as f:
-      saved = json.load(f)
+  if paths.exists(paths.join(directory, PARAMS_CONFIG)):
+    saved = json.loads(paths.read_text(paths.join(directory, PARAMS_CONFIG)))
   check_config(saved, config, f'the params in {path}')
   target = abstract_state(trainer)['params']
   with ocp.StandardCheckpointer() as ckpt:
@@ -542,10 +541,14 @@ def load_params(directory: str, config: ml_collections.ConfigDict, trainer: Trai
 def load_init_params(init_from: str, config: ml_collections.ConfigDict, trainer: Trainer):
   """What `config.train.init_from` names: a `save_params`/converter directory, or a PyTorch /
   safetensors SiT, DiT or PPF file (converted by ppflow_jax.convert)."""
-  if os.path.isdir(init_from):
+  if paths.isdir(init_from):
     return load_params(init_from, config, trainer)
-  if not os.path.exists(init_from):
-    raise FileNotFoundError(f'config.train.init_from={init_from!r} does not exist')
+  if not paths.exists(init_from) and weights.release(init_from):  # a released name: download
+    init_from = weights.resolve(init_from)
+  if not paths.exists(init_from):
+    raise FileNotFoundError(f'config.train.init_from={init_from!r} does not exist; give a weight '
+                            'file (.pt/.safetensors) or a directory written by '
+                            'python -m ppflow_jax.convert')
   if not init_from.endswith(TORCH_SUFFIXES):
     raise ValueError(f'config.train.init_from={init_from!r} must be a directory written by '
                      f'checkpoint.save_params / python -m ppflow_jax.convert, or a weight file '

@@ -10,7 +10,15 @@ Config files in `configs/` call `base_config()` and fill in what differs; comman
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
+
+from ppflow_jax import errors
+
+# The config files: configs/ of the checkout, installed as the package data ppflow_jax/configs.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
 
 # (depth, hidden_size, num_heads) of the SiT/DiT family (SiT paper, Table 1).
 MODEL_SIZES = {
@@ -149,7 +157,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Fills derived model fields (size preset) in place and validates; returns the config."""
   m = config.model
   if m.size not in MODEL_SIZES:
-    raise ValueError(f'config.model.size={m.size!r} is not one of {sorted(MODEL_SIZES)}')
+    raise errors.ConfigError(f'config.model.size={m.size!r} is not one of {sorted(MODEL_SIZES)}')
   depth, hidden, heads = MODEL_SIZES[m.size]
   m.depth = m.depth or depth
   m.hidden_size = m.hidden_size or hidden
@@ -158,23 +166,92 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def config_names() -> list[str]:
+  """Names of the packaged configs (`ppf_xl_2`, ...)."""
+  return sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith('.py') and f[0] != '_')
+
+
+def find_config(spec: str) -> str:
+  """`path.py[:arg]` or a packaged config's name (`ppf_xl_2`, `configs/ppf_xl_2.py`) -> the
+  config file's path, `:arg` kept. Raises ConfigError naming the known configs."""
+  path, sep, arg = spec.partition(':')
+  if os.path.isfile(path):
+    return spec
+  name = os.path.basename(path)
+  name = name[:-3] if name.endswith('.py') else name
+  packaged = os.path.join(CONFIG_DIR, name + '.py')
+  if os.path.dirname(path) in ('', 'configs') and os.path.isfile(packaged):
+    return packaged + sep + arg
+  raise errors.ConfigError(
+      f'--config={spec}: config file {path!r} not found (relative to {os.getcwd()}); pass an '
+      f'existing .py file or a packaged config name: {", ".join(config_names())}')
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """The ConfigDict of `spec` (see find_config): the file's `get_config(arg)`."""
+  path, _, arg = find_config(spec).partition(':')
+  module_spec = importlib.util.spec_from_file_location(
+      os.path.basename(path)[:-3].replace('-', '_'), path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None) if arg else module.get_config()
+
+
 def _choice(value, name: str, allowed) -> None:
   if value not in allowed:
-    raise ValueError(f'{name}={value!r} must be one of {list(allowed)}')
+    raise errors.ConfigError(f'{name}={value!r} must be one of {list(allowed)}')
+
+
+def _at_least(config: ml_collections.ConfigDict, dotted: str, low: int, why: str) -> None:
+  value = config
+  for part in dotted.split('.'):
+    value = value[part]
+  if not isinstance(value, (int, float)) or value < low:
+    raise errors.ConfigError(f'config.{dotted}={value!r} must be >= {low} ({why})')
+
+
+# Fields a run divides by, loops over or allocates with: (field, lowest value, why).
+_LOWER_BOUNDS = (
+    ('model.depth', 1, 'number of transformer blocks'),
+    ('model.hidden_size', 1, 'model width'),
+    ('model.num_heads', 1, 'attention heads'),
+    ('model.num_classes', 1, 'class-conditional models need at least one class'),
+    ('latent.height', 1, 'latent size'),
+    ('latent.width', 1, 'latent size'),
+    ('latent.channels', 1, 'latent size'),
+    ('train.steps', 1, 'training steps'),
+    ('train.batch_size', 1, 'global batch'),
+    ('train.log_every', 1, 'metrics are fetched every log_every steps; use a large value to log '
+     'rarely'),
+    ('train.sample_every', 0, '0 turns periodic sample grids off'),
+    ('train.warmup_steps', 0, 'linear warm-up length'),
+    ('sample.batch_size', 1, 'samples per sampler call'),
+    ('sample.num_images', 1, 'images in the --mode=sample grid'),
+    ('checkpoint.every_steps', 1, 'checkpoints are saved every every_steps steps; use a value '
+     'above train.steps to save only at the end'),
+    ('checkpoint.max_to_keep', 1, 'checkpoints kept'),
+    ('data.image_size', 1, 'image side in pixels'),
+    ('data.num_workers', 0, 'grain worker processes; 0 reads in the main process'),
+    ('data.prefetch', 0, 'batches read ahead'),
+    ('eval.num_samples', 1, 'samples of --mode=sample_fid'),
+    ('eval.report_samples', 1, 'samples of the end-of-run report'),
+)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError with the offending field for values no run can use."""
+  """Raises ConfigError (a ValueError) with the offending field for values no run can use."""
   m = config.model
   _choice(m.variant, 'config.model.variant', ('ppf', 'mpdit'))
   _choice(m.dtype, 'config.model.dtype', ('float32', 'bfloat16'))
   _choice(m.param_dtype, 'config.model.param_dtype', ('float32', 'bfloat16'))
   _choice(m.attention, 'config.model.attention', ('auto', 'xla', 'splash', 'pallas_gpu', 'cudnn'))
+  for dotted, low, why in _LOWER_BOUNDS:
+    _at_least(config, dotted, low, why)
   if m.hidden_size % m.num_heads:
-    raise ValueError(f'config.model.hidden_size={m.hidden_size} is not divisible by '
-                     f'num_heads={m.num_heads}')
+    raise errors.ConfigError(f'config.model.hidden_size={m.hidden_size} is not divisible by '
+                             f'num_heads={m.num_heads}')
   if not 0.0 <= m.class_dropout < 1.0:
-    raise ValueError(f'config.model.class_dropout={m.class_dropout} must be in [0, 1)')
+    raise errors.ConfigError(f'config.model.class_dropout={m.class_dropout} must be in [0, 1)')
   _choice(config.train.regime, 'config.train.regime', ('ppflow', 'flexidit', 'lumina'))
   _choice(config.sample.method, 'config.sample.method', ('euler', 'heun', 'sde'))
   _choice(config.sample.cfg_channels, 'config.sample.cfg_channels', ('all', 'legacy'))
@@ -188,16 +265,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.eval.is_split_size={config.eval.is_split_size} must be >= 1 '
                      '(ADM: 5000)')
   if config.sample.num_steps < 2:
-    raise ValueError(f'config.sample.num_steps={config.sample.num_steps} must be >= 2 '
-                     '(it counts grid points including both ends)')
-  for name in ('steps', 'batch_size'):
-    if config.train[name] <= 0:
-      raise ValueError(f'config.train.{name}={config.train[name]} must be positive')
+    raise errors.ConfigError(f'config.sample.num_steps={config.sample.num_steps} must be >= 2 '
+                             '(it counts grid points including both ends)')
+  if not 0.0 <= config.sample.sde_last_step < 1.0:
+    raise errors.ConfigError(f'config.sample.sde_last_step={config.sample.sde_last_step} must be '
+                             'in [0, 1)')
   if not 0.0 <= config.train.ema_decay < 1.0:
-    raise ValueError(f'config.train.ema_decay={config.train.ema_decay} must be in [0, 1)')
+    raise errors.ConfigError(f'config.train.ema_decay={config.train.ema_decay} must be in [0, 1)')
+  if config.train.grad_clip_norm < 0:
+    raise errors.ConfigError(f'config.train.grad_clip_norm={config.train.grad_clip_norm} must be '
+                             '>= 0 (0 turns clipping off)')
+  for axis, size in config.mesh.items():
+    if size != -1 and size < 1:
+      raise errors.ConfigError(f'config.mesh.{axis}={size} must be -1 (all remaining devices) or '
+                               '>= 1')
   # Stage schedule checks live with the schedule itself.
   from ppflow_jax import stages  # pylint: disable=g-import-not-at-top
-  stages.from_config(config)
+  try:
+    stages.from_config(config)
+  except errors.ConfigError:
+    raise
+  except ValueError as e:
+    raise errors.ConfigError(str(e) if str(e).startswith('config.') else
+                             f'config.schedule: {e}') from e
 
 
 def imagenet_config(size: str, num_stages: int, cfg_scales, *, resolution: int = 256,
@@ -224,7 +314,7 @@ def imagenet_config(size: str, num_stages: int, cfg_scales, *, resolution: int =
     c.sample.update(num_steps=8, batch_size=8, num_images=8)
     c.checkpoint.every_steps = 10
   elif arg:
-    raise ValueError(f'unknown config argument {arg!r}; the only one is "runlocal"')
+    raise errors.ConfigError(f'unknown config argument {arg!r}; the only one is "runlocal"')
   return c
 
 

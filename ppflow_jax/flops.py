@@ -259,9 +259,14 @@ def main(argv) -> None:
   print(json.dumps(rep, indent=2) if flags.FLAGS.json else format_table(rep))
 
 
-if __name__ == '__main__':
-  # Flags are defined only when run as a script: main.py defines its own --config.
+def console() -> None:
+  # Flags are defined only when run as a command: main.py defines its own --config.
+  from ppflow_jax import cli  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).', lock_config=True)
   flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main)
+
+
+if __name__ == '__main__':
+  console()

@@ -19,7 +19,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ppflow_jax import cli
 from ppflow_jax import config_lib
+from ppflow_jax import paths
 from ppflow_jax import vae as vae_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).',
@@ -29,6 +31,9 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'sample_fid'], 'W
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
+_CLASS_LABELS = flags.DEFINE_string(
+    'class_labels', '', '--mode=sample: comma-separated class ids, one image each (default: '
+    'config.sample.num_images images, one class per grid row).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -45,24 +50,28 @@ def fmnist_evaluator(config, workdir: str):
   if config.data.source != 'fashion_mnist' or not config.eval.fmnist_fid:
     return None
   from ppflow_jax.evaluation import fmnist_features  # pylint: disable=g-import-not-at-top
-  return fmnist_features.FMNISTEvaluator(os.path.join(workdir, 'fmnist_classifier'))
+  return fmnist_features.FMNISTEvaluator(paths.join(workdir, 'fmnist_classifier'))
 
 
-def run(config, workdir: str, mode: str) -> None:
+def run(config, workdir: str, mode: str, class_labels: str = '') -> None:
   from ppflow_jax import checkpoint, loop, report, sharding, train  # pylint: disable=g-import-not-at-top
   config = config_lib.resolve(config)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    paths.write_text(paths.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   if mode == 'train':
     trainer, state = loop.train_and_evaluate(config, workdir)
   elif mode == 'sample':
     trainer = train.Trainer(config, sharding.make_mesh(config))
     state = checkpoint.restore_for_inference(workdir, config, trainer)
-    report.save_sample_grid(trainer, state, config, os.path.join(workdir, 'samples.png'),
-                            vae=vae_lib.for_config(config))
-    logging.info('wrote %s', os.path.join(workdir, 'samples.png'))
+    labels = None
+    if class_labels:
+      from ppflow_jax import sample  # pylint: disable=g-import-not-at-top
+      labels = sample.parse_labels(class_labels, config.model.num_classes)
+    out = paths.join(workdir, 'samples.png')
+    report.save_sample_grid(trainer, state, config, out, vae=vae_lib.for_config(config),
+                            labels=labels)
+    print(f'wrote {out}')
     return
   else:
     from ppflow_jax.evaluation import sample as fid_sample  # pylint: disable=g-import-not-at-top
@@ -72,15 +81,21 @@ def run(config, workdir: str, mode: str) -> None:
     result = report.final_report(trainer, state, config, workdir, vae=vae_lib.for_config(config),
                                  evaluator=fmnist_evaluator(config, workdir))
     logging.info('report: %s', json.dumps(result))
-    print(open(os.path.join(workdir, 'report.md')).read())
+    print(paths.read_text(paths.join(workdir, 'report.md')))
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   maybe_initialize_distributed()
-  run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  if _CLASS_LABELS.value and _MODE.value != 'sample':
+    raise app.UsageError('--class_labels is for --mode=sample')
+  run(_CONFIG.value, _WORKDIR.value, _MODE.value, _CLASS_LABELS.value)
+
+
+def console() -> None:
+  cli.run(main)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  console()

@@ -9,8 +9,8 @@ Fashion-MNIST feature network (evaluation/fmnist_features.py).
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import time
 
 import jax
@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from ppflow_jax import paths
 from ppflow_jax import sampling
 
 
@@ -27,18 +28,27 @@ def to_uint8(x) -> np.ndarray:
   return np.asarray(jnp.clip((jnp.asarray(x) + 1.0) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
 
 
-def save_grid(images: np.ndarray, path: str, nrow: int, scale: int = 1) -> None:
-  """images: uint8 (N, H, W, C) -> one PNG with `nrow` images per row."""
+def make_grid(images: np.ndarray, nrow: int, scale: int = 1) -> np.ndarray:
+  """images: uint8 (N, H, W, C) -> one uint8 (rows*H*scale, nrow*W*scale, C) image, row-major."""
   n, h, w, c = images.shape
   rows = -(-n // nrow)
   grid = np.zeros((rows * h, nrow * w, c), np.uint8)
   for i, im in enumerate(images):
     r, col = divmod(i, nrow)
     grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = im
-  img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-  if scale > 1:
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-  img.save(path)
+  return grid.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else grid
+
+
+def save_png(image: np.ndarray, path: str) -> None:
+  """uint8 (H, W, C) -> a PNG at `path` (a local path or a URL, paths.py)."""
+  buffer = io.BytesIO()
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format='PNG')
+  paths.write_bytes(path, buffer.getvalue())
+
+
+def save_grid(images: np.ndarray, path: str, nrow: int, scale: int = 1) -> None:
+  """images: uint8 (N, H, W, C) -> one PNG with `nrow` images per row."""
+  save_png(make_grid(images, nrow, scale), path)
 
 
 def grid_labels(num_images: int, num_classes: int) -> np.ndarray:
@@ -61,6 +71,14 @@ def make_sampler(trainer, config: ml_collections.ConfigDict,
   return sampling.Sampler(trainer.graphdef, trainer.schedule, spec, config.model.num_classes)
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole array on every process (gathered when it is sharded over several processes)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def sample_in_chunks(sampler: sampling.Sampler, params, config: ml_collections.ConfigDict,
                      labels: np.ndarray, seed: int) -> tuple[np.ndarray, list[sampling.Timing]]:
   """Samples latents for `labels` in chunks of config.sample.batch_size.
@@ -73,7 +91,7 @@ def sample_in_chunks(sampler: sampling.Sampler, params, config: ml_collections.C
   for i in range(0, len(labels), bs):
     x, timing = sampling.timed_sample(sampler, params, noise[i:i + bs],
                                       jnp.asarray(labels[i:i + bs]), keys[i:i + bs])
-    out.append(np.asarray(x))
+    out.append(to_host(x))
     timings.append(timing)
   return np.concatenate(out), timings
 
@@ -119,12 +137,23 @@ def initial_noise(config: ml_collections.ConfigDict, n: int, seed: int):
   return jax.vmap(one)(jnp.arange(n))
 
 
-def save_sample_grid(trainer, state, config, path: str, vae=None) -> None:
-  """A class-conditional grid of config.sample.num_images EMA samples."""
-  labels = grid_labels(config.sample.num_images, config.model.num_classes)
+def sample_grid(trainer, state, config, vae=None, labels=None) -> np.ndarray:
+  """A grid of EMA samples for `labels` (default: config.sample.num_images, one class per row),
+  decoded with `vae` when there is one: uint8 (H, W, C). Every process must call it (the sampler
+  runs on the sharded state); every process gets the whole grid."""
+  if labels is None:
+    labels = grid_labels(config.sample.num_images, config.model.num_classes)
+    nrow = max(1, config.sample.num_images // min(config.model.num_classes,
+                                                  config.sample.num_images))
+  else:
+    labels, nrow = np.asarray(labels, np.int32), min(len(labels), 8)
   x = decode(config, generate(trainer, state.ema, config, labels, config.seed), vae)
-  save_grid(to_uint8(x), path, nrow=max(1, config.sample.num_images // min(
-      config.model.num_classes, config.sample.num_images)), scale=2)
+  return make_grid(to_uint8(to_host(x) if isinstance(x, jax.Array) else x), nrow, scale=2)
+
+
+def save_sample_grid(trainer, state, config, path: str, vae=None, labels=None) -> None:
+  """`sample_grid` as a PNG."""
+  save_png(sample_grid(trainer, state, config, vae, labels), path)
 
 
 def plot_losses(metrics_file: str, path: str) -> None:
@@ -132,8 +161,8 @@ def plot_losses(metrics_file: str, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  with open(metrics_file) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+  records = [json.loads(line) for line in paths.read_text(metrics_file).splitlines()
+             if line.strip()]
   steps = [r['step'] for r in records]
   fig, ax = plt.subplots(figsize=(6, 3.5))
   for key in sorted(k for k in records[0] if k.startswith('loss')):
@@ -143,8 +172,10 @@ def plot_losses(metrics_file: str, path: str) -> None:
   ax.set_yscale('log')
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100)
   plt.close(fig)
+  paths.write_bytes(path, buffer.getvalue())
 
 
 def final_report(trainer, state, config: ml_collections.ConfigDict, workdir: str,
@@ -176,7 +207,7 @@ def final_report(trainer, state, config: ml_collections.ConfigDict, workdir: str
     images[name] = np.clip(np.asarray(decode(config, latents, vae)), -1.0, 1.0)
     suffix = '' if name == 'ppf' else '_finest'
     save_grid(to_uint8(images[name][:config.sample.num_images]),
-              os.path.join(workdir, f'samples{suffix}.png'), nrow, 2)
+              paths.join(workdir, f'samples{suffix}.png'), nrow, 2)
   spec = sampling.SamplerSpec.from_config(config)
   result.update(
       sampler=f'{spec.method}, {spec.num_steps} grid points, CFG {list(config.schedule.cfg_scales)}'
@@ -189,13 +220,11 @@ def final_report(trainer, state, config: ml_collections.ConfigDict, workdir: str
   if evaluator is not None:
     for name, x in images.items():
       result[f'fid_{name}'] = float(evaluator.score(x)['fid'])
-  metrics = os.path.join(workdir, 'metrics.jsonl')
-  if os.path.exists(metrics):
-    plot_losses(metrics, os.path.join(workdir, 'loss.png'))
-  with open(os.path.join(workdir, 'report.json'), 'w') as f:
-    json.dump(result, f, indent=2)
-  with open(os.path.join(workdir, 'report.md'), 'w') as f:
-    f.write(report_markdown(result))
+  metrics = paths.join(workdir, 'metrics.jsonl')
+  if paths.exists(metrics):
+    plot_losses(metrics, paths.join(workdir, 'loss.png'))
+  paths.write_text(paths.join(workdir, 'report.json'), json.dumps(result, indent=2))
+  paths.write_text(paths.join(workdir, 'report.md'), report_markdown(result))
   return result
 
 

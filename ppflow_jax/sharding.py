@@ -42,7 +42,8 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.M
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
     raise ValueError(f'config.mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, '
-                     f'but {len(devices)} are available')
+                     f'but {len(devices)} are available; make data * fsdp * tensor equal the '
+                     'device count, or set one axis to -1 (all remaining devices)')
   return jax.make_mesh(tuple(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
                        devices=devices)
 

@@ -36,10 +36,16 @@ class TrainState:
   rng: jax.Array         # (2,) uint32 base key data
 
 
+def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """step -> learning rate: config.train.lr after a linear warm-up of warmup_steps."""
+  t = config.train
+  return optax.linear_schedule(0.0, t.lr, t.warmup_steps) if t.warmup_steps else (lambda _: t.lr)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """AdamW (paper: lr 1e-4, no weight decay) with optional warmup and global-norm clipping."""
   t = config.train
-  lr = (optax.linear_schedule(0.0, t.lr, t.warmup_steps) if t.warmup_steps else t.lr)
+  lr = learning_rate(config) if t.warmup_steps else t.lr
   adamw = optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)
   return optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), adamw) if t.grad_clip_norm else adamw
 

@@ -78,7 +78,11 @@ def test_runlocal_variant():
     ('sample', 'cfg_channels', 'three', 'config.sample.cfg_channels'),
     ('train', 'regime', 'random', 'config.train.regime'),
     ('data', 'source', 'cifar', 'config.data.source'),
-    ('train', 'batch_size', 0, 'must be positive'),
+    ('train', 'batch_size', 0, r'config.train.batch_size=0 must be >= 1'),
+    ('train', 'log_every', 0, r'config.train.log_every=0 must be >= 1'),
+    ('checkpoint', 'every_steps', 0, r'config.checkpoint.every_steps=0 must be >= 1'),
+    ('sample', 'batch_size', 0, r'config.sample.batch_size=0 must be >= 1'),
+    ('mesh', 'fsdp', 0, r'config.mesh.fsdp=0 must be -1'),
 ])
 def test_bad_values_rejected(section, field, value, message):
   c = load(os.path.join(ROOT, 'configs', 'default.py'))

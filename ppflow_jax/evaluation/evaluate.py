@@ -20,6 +20,7 @@ import os
 
 from absl import app, flags, logging
 
+from ppflow_jax import cli
 from ppflow_jax.evaluation import inception, metrics
 
 _SAMPLES = flags.DEFINE_string('samples', None, 'ADM sample batch .npz (uint8 NHWC arr_0).')
@@ -88,5 +89,9 @@ def main(argv):
       f.write(text + '\n')
 
 
+def console() -> None:
+  cli.run(main)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  console()
