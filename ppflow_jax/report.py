@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 
 import jax
 import jax.numpy as jnp
