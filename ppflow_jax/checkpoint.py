@@ -43,6 +43,8 @@ from jax.experimental import multihost_utils
 
 from ppflow_jax import paths
 from ppflow_jax import weights
+from ppflow_jax.models import block_stack
+from ppflow_jax.sharding import replicated
 from ppflow_jax.train import Trainer, TrainState
 
 CHECKPOINTS = 'checkpoints'
@@ -51,7 +53,8 @@ PARAMS_DIR = 'converted_params'        # same layout as `python -m ppflow_jax.co
 PARAMS_CONFIG = 'params_config.json'
 TORCH_SUFFIXES = ('.pt', '.pth', '.bin', '.ckpt', '.safetensors')
 # Model fields that change how the model runs, not what its weights mean.
-UNGUARDED_FIELDS = ('model.attention', 'model.dtype')
+# (model.scan_blocks changes the tree; `check_layout` and the params loaders handle it.)
+UNGUARDED_FIELDS = ('model.attention', 'model.dtype', 'model.scan_blocks', 'model.remat')
 
 
 class CheckpointMismatchError(ValueError):
@@ -185,9 +188,21 @@ def tree_differences(saved_metadata, expected, subtrees: tuple[str, ...] | None 
   return out
 
 
+def check_layout(saved_metadata, expected, where: str) -> None:
+  """Refuses, in one line, a training checkpoint whose blocks use the other layout."""
+  saved = block_stack.flat_paths_stacked(flat_paths(saved_metadata), 'params/')
+  wanted = block_stack.flat_paths_stacked(flat_paths(expected), 'params/')
+  if saved != wanted:
+    raise CheckpointMismatchError(
+        f'{where} holds {block_stack.layout_name(saved)} blocks but the config builds '
+        f'{block_stack.layout_name(wanted)} ones: resume it with '
+        f'--config.model.scan_blocks={saved} (params-only checkpoints and init_from convert).')
+
+
 def check_tree(saved_metadata, expected, where: str,
                subtrees: tuple[str, ...] | None = None) -> None:
   """Raises CheckpointMismatchError listing `tree_differences` (at most 20 shown)."""
+  check_layout(saved_metadata, expected, where)
   diffs = tree_differences(saved_metadata, expected, subtrees)
   if diffs:
     shown = '\n  '.join(diffs[:20])
@@ -534,8 +549,20 @@ def load_params(directory: str, config: ml_collections.ConfigDict, trainer: Trai
   check_config(saved, config, f'the params in {path}')
   target = abstract_state(trainer)['params']
   with ocp.StandardCheckpointer() as ckpt:
-    check_tree(ckpt.metadata(path).item_metadata, target, f'the params in {path}')
-    return ckpt.restore(path, target)
+    metadata = ckpt.metadata(path).item_metadata
+    saved_stacked = block_stack.flat_paths_stacked(flat_paths(metadata))
+    if saved_stacked == config.model.scan_blocks:
+      check_tree(metadata, target, f'the params in {path}')
+      return ckpt.restore(path, target)
+    # The other block layout: restore replicated, then convert onto the trainer's shardings.
+    other = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(trainer.mesh)),
+        block_stack.abstract_to_layout(target, saved_stacked))
+    check_tree(metadata, other, f'the params in {path}')
+    _say(f'the params in {path} have {block_stack.layout_name(saved_stacked)} blocks; converting '
+         f'to {block_stack.layout_name(config.model.scan_blocks)}')
+    return jax.jit(lambda p: block_stack.to_layout(p, config.model.scan_blocks),
+                   out_shardings=trainer.state_sharding.params)(ckpt.restore(path, other))
 
 
 def load_init_params(init_from: str, config: ml_collections.ConfigDict, trainer: Trainer):

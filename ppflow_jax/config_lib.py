@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
       dtype='float32',        # compute dtype: 'float32' | 'bfloat16' (params stay param_dtype).
       param_dtype='float32',
       attention='auto',       # 'auto' | 'xla' | 'splash' | 'pallas_gpu' | 'cudnn' (ops/attention.py).
+      # models/block_stack.py: stacked block params under one lax.scan (compiles the block once),
+      # and rematerialisation 'none' | 'full' | 'dots' (keep only weight-matmul outputs).
+      scan_blocks=False, remat='none',
       # MPDiT only (models/mpdit.py): blocks that run on small-patch tokens, class prefix tokens.
       mpdit_fine_blocks=6, mpdit_class_tokens=16, mpdit_coarse_patch=(),  # () = 2x the finest.
   ))
@@ -122,7 +125,11 @@ def base_config() -> ml_collections.ConfigDict:
       allow_model_mismatch=False,  # refuse a checkpoint whose model fields differ from the config.
   ))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices.
+  # Device mesh (-1: all remaining devices) and the logical-axis -> mesh-axis rules of params and
+  # activations (sharding.py; MaxText-style): e.g. ('mlp', None) keeps MLP weights unsharded.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=(
+      ('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'), ('heads', 'tensor'),
+      ('vocab', None), ('layers', None))))
 
   c.eval = ml_collections.ConfigDict(dict(
       num_samples=50_000, labels='uniform',  # 'uniform' (ADM/DiT) | 'balanced' (50 per class).
@@ -245,6 +252,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(m.dtype, 'config.model.dtype', ('float32', 'bfloat16'))
   _choice(m.param_dtype, 'config.model.param_dtype', ('float32', 'bfloat16'))
   _choice(m.attention, 'config.model.attention', ('auto', 'xla', 'splash', 'pallas_gpu', 'cudnn'))
+  _choice(m.remat, 'config.model.remat', ('none', 'full', 'dots'))
+  if m.variant != 'ppf' and (m.scan_blocks or m.remat != 'none'):
+    raise ValueError(f'config.model.scan_blocks / remat are implemented for the ppf variant only; '
+                     f'set them to False / "none" for variant={m.variant!r}')
   for dotted, low, why in _LOWER_BOUNDS:
     _at_least(config, dotted, low, why)
   if m.hidden_size % m.num_heads:
@@ -275,7 +286,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.train.grad_clip_norm < 0:
     raise errors.ConfigError(f'config.train.grad_clip_norm={config.train.grad_clip_norm} must be '
                              '>= 0 (0 turns clipping off)')
-  for axis, size in config.mesh.items():
+  for axis, size in ((a, config.mesh[a]) for a in ('data', 'fsdp', 'tensor')):
     if size != -1 and size < 1:
       raise errors.ConfigError(f'config.mesh.{axis}={size} must be -1 (all remaining devices) or '
                                '>= 1')

@@ -11,6 +11,7 @@ pass --coordinator_address, --num_processes and --process_id, see launch/).
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
@@ -37,11 +38,29 @@ _CLASS_LABELS = flags.DEFINE_string(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def tpu_multi_host(environ=os.environ, exists=os.path.exists) -> bool:
+  """Whether this process is one of several TPU hosts (slices) and must join a jax.distributed job.
+
+  Read from the TPU VM environment: several TPU_WORKER_HOSTNAMES, TPU_HOST_BOUNDS (hosts per
+  dimension) or MEGASCALE_NUM_SLICES above 1. On a Cloud TPU VM (/dev/accel0 or /dev/vfio/0) where
+  none of these is set, plain VMs may not set them, so it is True too: `jax.distributed.initialize()`
+  then reads the slice's workers from the VM metadata itself (a one-host slice becomes a one-process
+  job). Elsewhere (CPU, GPU, one TPU host that says so) False.
+  """
+  hosts = [h for h in environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h.strip()]
+  bounds = [int(b) for b in environ.get('TPU_HOST_BOUNDS', '').split(',') if b.strip()]
+  slices = int(environ.get('MEGASCALE_NUM_SLICES', '') or 1)
+  if len(hosts) > 1 or math.prod(bounds) > 1 or slices > 1:
+    return True
+  said_one_host = len(hosts) == 1 or bool(bounds)
+  return not said_one_host and any(exists(p) for p in ('/dev/accel0', '/dev/vfio/0'))
+
+
 def maybe_initialize_distributed() -> None:
   """Joins a multi-process job when flags or the TPU environment say there is one."""
   if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0:
+  elif tpu_multi_host():
     jax.distributed.initialize()
 
 

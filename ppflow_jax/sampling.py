@@ -228,9 +228,11 @@ class Sampler:
       if not segment.guided:
         return model(x, tb, y, segment.stage)
       if guide == segment.stage:
-        both = model(jnp.concatenate([x, x]), jnp.concatenate([tb, tb]),
-                     jnp.concatenate([y, null]), segment.stage)
-        cond, uncond = jnp.split(both, 2)
+        # Sample i's two passes are rows 2i, 2i + 1: a batch-sharded x stays on its devices
+        # (concatenating [x, x] would move half of every pass across the mesh).
+        both = model(_pairs(x, x), _pairs(tb, tb), _pairs(y, null), segment.stage)
+        both = both.reshape((x.shape[0], 2) + both.shape[1:])
+        cond, uncond = both[:, 0], both[:, 1]
       else:  # the "unconditional" slot holds the weak patch's conditional prediction
         cond, uncond = packing.bucketed_forward(model, [x, x], [tb, tb], [y, y],
                                                 self.spec.pack_guidance, (segment.stage, guide))
@@ -281,10 +283,11 @@ class Sampler:
     return mean + noise_flag * jnp.sqrt(2.0 * diffusion * dt) * eps
 
   def _segment_arrays(self, seg: Segment) -> dict:
-    st, f32 = self.steps, (lambda a: jnp.asarray(np.asarray(a), jnp.float32))
+    """Host (numpy) arrays: jit moves them to the program's devices, whatever they are."""
+    st, f32 = self.steps, (lambda a: np.asarray(a, np.float32))
     idx = np.arange(seg.start, seg.stop)
     t, dt = st.t[idx], st.dt[idx]
-    arrays = dict(t=f32(t), dt=f32(dt), noise=f32(st.noise[idx]), step=jnp.asarray(idx, jnp.int32),
+    arrays = dict(t=f32(t), dt=f32(dt), noise=f32(st.noise[idx]), step=idx.astype(np.int32),
                   scale=f32([self._scale(v) for v in t]),
                   scale_next=f32([self._scale(v) for v in t + dt]))
     if seg.finish_pending:
@@ -295,6 +298,15 @@ class Sampler:
       k = seg.stop
       arrays['crossing'] = dict(t=f32(st.t[k]), dt=f32(st.dt[k]), scale=f32(self._scale(st.t[k])))
     return arrays
+
+  def lower(self, state, noise, labels, keys, segment: Segment,
+            array_sharding: jax.sharding.Sharding) -> jax.stages.Lowered:
+    """`segment`'s program lowered for (abstract, sharded) arguments, for ahead-of-time compiles
+    (aot.py); the per-step time/scale arrays get `array_sharding`. Shapes as in `sample`."""
+    carry = dict(x=noise, x_pred=noise, v=noise)
+    arrays = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=array_sharding),
+                          self._segment_arrays(segment))
+    return self._programs.lower(state, carry, labels, keys, arrays, segment=segment)
 
   def sample(self, state: nnx.State, noise: jax.Array, labels: jax.Array,
              keys: jax.Array | None = None, on_segment: Callable | None = None) -> jax.Array:
@@ -313,6 +325,10 @@ class Sampler:
         on_segment(seg, carry['x'])
     return carry['x']
 
+
+def _pairs(a: jax.Array, b: jax.Array) -> jax.Array:
+  """(B, ...), (B, ...) -> (2B, ...) interleaved: a[0], b[0], a[1], b[1], ..."""
+  return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
 
 
 @dataclasses.dataclass(frozen=True)

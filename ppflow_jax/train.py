@@ -75,7 +75,8 @@ class Trainer:
     self.tx = make_optimizer(config)
     abstract = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
     self.graphdef, abstract_state = nnx.split(abstract)
-    params_sharding = nnx.to_pure_dict(sharding.param_shardings(mesh, abstract_state))
+    self.rules = sharding.rules_from_config(config)
+    params_sharding = nnx.to_pure_dict(sharding.param_shardings(mesh, abstract_state, self.rules))
     abstract_params = nnx.to_pure_dict(abstract_state)
     opt_sharding = sharding.opt_state_shardings(
         self.tx, jax.eval_shape(self.tx.init, abstract_params), params_sharding, mesh)
@@ -133,7 +134,8 @@ class Trainer:
 
   def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state.params, batch, key)
+    with sharding.axis_rules(self.rules):  # activation constraints follow config.mesh.rules
+      (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state.params, batch, key)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

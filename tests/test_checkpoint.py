@@ -30,6 +30,7 @@ from ppflow_jax import checkpoint
 from ppflow_jax import config_lib
 from ppflow_jax import data as data_lib
 from ppflow_jax import sharding
+from ppflow_jax.models import block_stack
 from ppflow_jax.train import Trainer
 
 STEPS, EVERY = 40, 5
@@ -351,6 +352,30 @@ def test_save_params_load_params_and_init_from(reference, trainer, tmp_path, cap
     checkpoint.load_params(str(tmp_path / 'imported'), wrong, trainer)
   with pytest.raises(FileExistsError):
     checkpoint.save_params(str(tmp_path / 'imported'), params, c)
+
+
+def test_other_block_layout_is_converted_or_refused(reference, trainer, tmp_path):
+  """Params-only checkpoints convert between unrolled and scanned blocks; a training checkpoint of
+  the other layout is refused in one line that says which flag resumes it."""
+  c = small_config()
+  params = read_state(reference, STEPS, trainer)['ema']
+  checkpoint.save_params(str(tmp_path / 'unrolled'), params, c)
+  scanned_config = small_config()
+  scanned_config.model.scan_blocks = True
+  scanned = Trainer(scanned_config, sharding.make_mesh(scanned_config))
+  loaded = checkpoint.load_params(str(tmp_path / 'unrolled'), scanned_config, scanned)
+  assert_bitwise_equal(block_stack.stack_params(params), jax.device_get(loaded), 'stacked load')
+  assert (loaded['blocks']['attn']['qkv']['kernel'].sharding
+          == scanned.state_sharding.params['blocks']['attn']['qkv']['kernel'])
+  checkpoint.save_params(str(tmp_path / 'scanned'), jax.device_get(loaded), scanned_config)
+  back = checkpoint.load_params(str(tmp_path / 'scanned'), c, trainer)
+  assert_bitwise_equal(params, jax.device_get(back), 'unstacked load')
+  with pytest.raises(checkpoint.CheckpointMismatchError) as e, \
+      checkpoint.Checkpointer(reference, scanned_config, scanned) as ckpt:
+    ckpt.restore_or_init(None)
+  assert str(e.value).count('\n') == 0, str(e.value)
+  assert 'unrolled (model.scan_blocks=False) blocks' in str(e.value)
+  assert '--config.model.scan_blocks=False' in str(e.value)
 
 
 def test_init_from_and_inference_errors(trainer, tmp_path):

@@ -400,3 +400,18 @@ def test_gpu_failure_of_one_host_is_reported(repo):
   (repo / 'bin' / 'ssh').chmod(0o755)
   rc, _, _, err = launch(repo, 'gpu.py', *gpu('--hosts=a,b'))
   assert rc == 5 and 'process 1 failed with exit status 5' in err
+
+
+@pytest.mark.parametrize('environ, devices, want', [
+    ({}, (), False),                                              # CPU / GPU host
+    ({'TPU_WORKER_HOSTNAMES': 'a,b'}, (), True),
+    ({'TPU_HOST_BOUNDS': '1,1,2'}, ('/dev/accel0',), True),
+    ({'MEGASCALE_NUM_SLICES': '2'}, (), True),
+    ({}, ('/dev/accel0',), True),                                 # plain TPU VM: ask the metadata
+    ({}, ('/dev/vfio/0',), True),
+    ({'TPU_WORKER_HOSTNAMES': 'localhost'}, ('/dev/accel0',), False),  # says one host
+    ({'TPU_HOST_BOUNDS': '1,1,1'}, ('/dev/accel0',), False),
+])
+def test_tpu_multi_host_detection(environ, devices, want):
+  from ppflow_jax import main  # pylint: disable=g-import-not-at-top
+  assert main.tpu_multi_host(environ, exists=lambda p: p in devices) == want

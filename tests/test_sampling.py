@@ -253,9 +253,11 @@ def test_every_evaluation_uses_its_stage_and_scale(num_stages, num_steps, method
     assert stage == e_stage, where
     np.testing.assert_allclose(t, e_t, atol=1e-6, err_msg=where)
     guided = e_scale != 1.0
-    np.testing.assert_array_equal(labels, np.concatenate([y, [null] * 2]) if guided else y, where)
+    # A guided call runs each sample's two passes as rows 2i (label) and 2i + 1 (null).
+    expected_labels = np.stack([y, [null] * 2], axis=1).reshape(-1) if guided else y
+    np.testing.assert_array_equal(labels, expected_labels, where)
     # x carries every earlier scale: a wrong scale at evaluation k shows in evaluation k + 1.
-    np.testing.assert_allclose(x[:2], e_x, rtol=1e-4, atol=1e-4, err_msg=where)
+    np.testing.assert_allclose(x[::2] if guided else x, e_x, rtol=1e-4, atol=1e-4, err_msg=where)
   np.testing.assert_allclose(x1, ref_x1, rtol=1e-4, atol=1e-4)
   # The shared count sees the same evaluations.
   listed = sampling.evaluations(schedule, spec)
