@@ -123,6 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=5000, max_to_keep=3, async_save=True,
       allow_model_mismatch=False,  # refuse a checkpoint whose model fields differ from the config.
+      lease_expiry_s=600.0,   # a run lease not refreshed for this long is stale (lease.py).
   ))
 
   # Device mesh (-1: all remaining devices) and the logical-axis -> mesh-axis rules of params and

@@ -1,9 +1,12 @@
 """Command-line entry point: `python -m ppflow_jax.main --config=configs/X.py --workdir=DIR`.
 
-Modes: `train` (default; resumes from the latest checkpoint in workdir, then writes the run
-report), `sample` (a class-conditional grid from the workdir's EMA weights) and `sample_fid`
-(evaluation/sample.py: N samples as an ADM .npz with an eval card). Any config field can be
-overridden: `--config.train.steps=100 --config.schedule.cfg_scales='(1.0, 4.0)'`.
+Modes: `train` (default; takes the workdir's run lease, resumes from the latest checkpoint in
+workdir, then writes the run report), `sample` (a class-conditional grid from the workdir's EMA
+weights, recorded in samples.json) and `sample_fid` (evaluation/sample.py: N samples as an ADM
+.npz with an eval card). Sampling modes only read the workdir's checkpoints and config.json.
+A second `train` on a busy workdir exits with status 2; a failed checkpoint save with status 1,
+each with one line on stderr. Any config field can be overridden:
+`--config.train.steps=100 --config.schedule.cfg_scales='(1.0, 4.0)'`.
 Multi-process runs call `jax.distributed.initialize()` (automatic on TPU VMs; on GPU clusters
 pass --coordinator_address, --num_processes and --process_id, see launch/).
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import jax
 from absl import app
@@ -29,6 +33,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_conf
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, logs, samples and reports.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'sample_fid'], 'What to run.')
+_FORCE = flags.DEFINE_bool('force', False, 'Take the workdir\'s run lease over from a process '
+                           'that still looks alive (confirm it is gone first).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
@@ -72,14 +78,11 @@ def fmnist_evaluator(config, workdir: str):
   return fmnist_features.FMNISTEvaluator(paths.join(workdir, 'fmnist_classifier'))
 
 
-def run(config, workdir: str, mode: str, class_labels: str = '') -> None:
+def run(config, workdir: str, mode: str, class_labels: str = '', force: bool = False) -> None:
   from ppflow_jax import checkpoint, loop, report, sharding, train  # pylint: disable=g-import-not-at-top
   config = config_lib.resolve(config)
-  paths.makedirs(workdir)
-  if jax.process_index() == 0:
-    paths.write_text(paths.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   if mode == 'train':
-    trainer, state = loop.train_and_evaluate(config, workdir)
+    trainer, state = loop.train_and_evaluate(config, workdir, force=force)
   elif mode == 'sample':
     trainer = train.Trainer(config, sharding.make_mesh(config))
     state = checkpoint.restore_for_inference(workdir, config, trainer)
@@ -90,6 +93,10 @@ def run(config, workdir: str, mode: str, class_labels: str = '') -> None:
     out = paths.join(workdir, 'samples.png')
     report.save_sample_grid(trainer, state, config, out, vae=vae_lib.for_config(config),
                             labels=labels)
+    if jax.process_index() == 0:  # The record of this grid; config.json stays the run's.
+      paths.write_text(paths.join(workdir, 'samples.json'), json.dumps(dict(
+          samples=out, step=int(jax.device_get(state.step)),
+          config=checkpoint.config_json(config)), indent=2))
     print(f'wrote {out}')
     return
   else:
@@ -109,7 +116,15 @@ def main(argv):
   maybe_initialize_distributed()
   if _CLASS_LABELS.value and _MODE.value != 'sample':
     raise app.UsageError('--class_labels is for --mode=sample')
-  run(_CONFIG.value, _WORKDIR.value, _MODE.value, _CLASS_LABELS.value)
+  from ppflow_jax import checkpoint, lease  # pylint: disable=g-import-not-at-top
+  try:
+    run(_CONFIG.value, _WORKDIR.value, _MODE.value, _CLASS_LABELS.value, force=_FORCE.value)
+  except lease.LeaseHeldError as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
+  except (checkpoint.CheckpointWriteError, lease.LeaseLostError) as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def console() -> None:
