@@ -64,7 +64,7 @@ def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def check_main_args(args: Sequence[str]) -> list[str]:
   """Checks the flags forwarded to `ppflow_jax.main` (e.g. `--config.train.steps=100`); gs://
-  values (e.g. `--config.data.path=gs://...`) are refused, as main only opens file system paths."""
+  values (e.g. `--config.data.path=gs://b/latents`) pass, main reads them natively (paths.py)."""
   for arg in args:
     if not arg.startswith('--'):
       raise LaunchError(f'{arg!r} after `--` is not a flag; everything after `--` goes to '
@@ -75,7 +75,7 @@ def check_main_args(args: Sequence[str]) -> list[str]:
                         'option of that name before `--` (see --help)')
     value = arg.partition('=')[2]
     if is_gcs(value):
-      raise _no_gcs(name, value)
+      check_gcs_url(name, value)
   return list(args)
 
 
@@ -123,30 +123,27 @@ def check_bucket(name: str) -> str:
   return name
 
 
-def _no_gcs(what: str, url: str) -> LaunchError:
-  """The error for a gs:// URL given where ppflow_jax needs a file system path."""
-  bucket, _, rest = url[len('gs://'):].partition('/')
-  bucket = bucket or 'my-bucket'
-  mounted = f'{_MOUNT_ROOT}/{bucket}' + (f'/{rest}' if rest else '')
-  return LaunchError(
-      f'{what}={url!r}: ppflow_jax reads and writes through the file system (the training loop '
-      'appends metrics.jsonl with open(), the checkpointer and latent loader use os paths), so '
-      f'gs:// URLs do not work. Mount the bucket with gcsfuse at the same path on every host '
-      f'(`gcsfuse {GCSFUSE_FLAGS} {bucket} {_MOUNT_ROOT}/{bucket}`; on TPU VMs `tpu_vm.py setup '
-      f'--gcs_bucket={bucket}` does it) and pass {what}={mounted}')
+def check_gcs_url(what: str, url: str) -> str:
+  """Checks a gs:// URL (`gs://bucket/dir`): main reads and writes it natively through etils.epath
+  (fsspec/gcsfs) and orbax, so it needs no mount; a gcsfuse mount path works too."""
+  bucket = url[len('gs://'):].partition('/')[0]
+  if not bucket:
+    raise LaunchError(f'{what}={url!r}: no bucket name; expected gs://BUCKET/path')
+  check_bucket(bucket)
+  return url
 
 
 def check_workdir(workdir: str, multi_host: bool, why: str = '') -> str:
-  """Checks `workdir`: a file system path; where several hosts write checkpoints, an absolute path
-  on a file system they all share (a gcsfuse-mounted bucket, Filestore/NFS)."""
+  """Checks `workdir`: a gs:// URL, or a file system path; where several hosts write checkpoints,
+  an absolute path on a file system they all share (a gcsfuse-mounted bucket, Filestore/NFS)."""
   if not workdir:
     raise LaunchError('--workdir is required (on multi-host runs an absolute path on a shared file '
                       f'system, e.g. {_MOUNT_ROOT}/my-bucket/ppflow/RUN_NAME)')
   if is_gcs(workdir):
-    raise _no_gcs('--workdir', workdir)
+    return check_gcs_url('--workdir', workdir)  # shared by every host by construction
   if '://' in workdir:
-    raise LaunchError(f'--workdir={workdir!r}: expected a file system path (URLs are not '
-                      'supported; mount remote storage and pass its mounted path)')
+    raise LaunchError(f'--workdir={workdir!r}: expected a file system path or a gs:// URL (mount '
+                      'other remote storage and pass its mounted path)')
   if multi_host and not workdir.startswith('/'):
     raise LaunchError(f'--workdir={workdir!r} is a relative path, but {why}: every host must read '
                       'and write the same checkpoints, so use an absolute path on a file system '

@@ -11,8 +11,8 @@
 Every subcommand checks its inputs, says what it will do and prints the exact gcloud commands;
 `--dry_run` stops there (no gcloud needed). On a multi-host slice every worker runs the same program
 and `ppflow_jax.main` calls `jax.distributed.initialize()`, which finds the other workers itself.
-main writes through the file system, so a multi-host workdir is a shared mount such as the bucket
-that `setup --gcs_bucket` mounts with gcsfuse on every worker (gs:// URLs are refused).
+A multi-host workdir must be shared by all workers: a gs:// URL (main reads and writes it natively)
+or a path under a bucket that `setup --gcs_bucket` mounts with gcsfuse on every worker.
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument('--config', required=True,
                  help='config file in this repo, e.g. configs/ppf_xl_2.py[:arg]')
   s.add_argument('--workdir', required=True, help='checkpoints and samples; on multi-host an absolute path on a shared mount, '
-                 'e.g. /gcs/my-bucket/RUN (gs:// URLs are refused)')
+                 'e.g. gs://my-bucket/RUN or a gcsfuse mount /gcs/my-bucket/RUN')
   s.add_argument('--mode', default='train', choices=common.MODES)
   s.add_argument('--env', action='append', default=[], metavar='NAME=VALUE',
                  help='environment variable for main (repeatable)')

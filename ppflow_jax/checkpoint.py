@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -42,6 +41,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from ppflow_jax import paths
+from ppflow_jax import weights
+from ppflow_jax.models import block_stack
+from ppflow_jax.sharding import replicated
 from ppflow_jax.train import Trainer, TrainState
 
 CHECKPOINTS = 'checkpoints'
@@ -50,7 +53,8 @@ PARAMS_DIR = 'converted_params'        # same layout as `python -m ppflow_jax.co
 PARAMS_CONFIG = 'params_config.json'
 TORCH_SUFFIXES = ('.pt', '.pth', '.bin', '.ckpt', '.safetensors')
 # Model fields that change how the model runs, not what its weights mean.
-UNGUARDED_FIELDS = ('model.attention', 'model.dtype')
+# (model.scan_blocks changes the tree; `check_layout` and the params loaders handle it.)
+UNGUARDED_FIELDS = ('model.attention', 'model.dtype', 'model.scan_blocks', 'model.remat')
 
 
 class CheckpointMismatchError(ValueError):
@@ -65,6 +69,10 @@ class CorruptCheckpointError(RuntimeError):
   """No checkpoint in the directory could be read back intact."""
 
 
+class CheckpointWriteError(RuntimeError):
+  """A save failed (disk full, read-only, bucket error); the last complete step is kept."""
+
+
 # -- small helpers ----------------------------------------------------------------------------
 
 
@@ -76,9 +84,14 @@ def _say(message: str, warn: bool = False) -> None:
 
 
 def _short(e: BaseException) -> str:
-  """The first line of an exception (orbax/tensorstore append pages of specs)."""
-  text = str(e).strip().split('\n')[0]
-  return f'{type(e).__name__}: {text[:300]}'
+  """The first line of an exception's root cause (orbax wraps tensorstore's message, which names
+  the array and the file, in one that prints a pybind method and pages of specs)."""
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  text = (str(e).strip() or repr(e)).split('\n')[0]
+  if len(text) > 300:  # tensorstore puts the OS's reason ("File too large") last.
+    text = f'{text[:160]} ... {text[-140:]}'
+  return f'{type(e).__name__}: {text}'
 
 
 def _key(k) -> str:
@@ -184,9 +197,21 @@ def tree_differences(saved_metadata, expected, subtrees: tuple[str, ...] | None 
   return out
 
 
+def check_layout(saved_metadata, expected, where: str) -> None:
+  """Refuses, in one line, a training checkpoint whose blocks use the other layout."""
+  saved = block_stack.flat_paths_stacked(flat_paths(saved_metadata), 'params/')
+  wanted = block_stack.flat_paths_stacked(flat_paths(expected), 'params/')
+  if saved != wanted:
+    raise CheckpointMismatchError(
+        f'{where} holds {block_stack.layout_name(saved)} blocks but the config builds '
+        f'{block_stack.layout_name(wanted)} ones: resume it with '
+        f'--config.model.scan_blocks={saved} (params-only checkpoints and init_from convert).')
+
+
 def check_tree(saved_metadata, expected, where: str,
                subtrees: tuple[str, ...] | None = None) -> None:
   """Raises CheckpointMismatchError listing `tree_differences` (at most 20 shown)."""
+  check_layout(saved_metadata, expected, where)
   diffs = tree_differences(saved_metadata, expected, subtrees)
   if diffs:
     shown = '\n  '.join(diffs[:20])
@@ -211,16 +236,25 @@ class _Corrupt(Exception):
 class Checkpointer:
   """Saves/restores `TrainState` + data-iterator state in `workdir/checkpoints`.
 
-  The loop calls `restore_or_init(data_iter)` once, then per step `should_save`,
+  The loop calls `restore_or_init(data_iter)` once, then per step `check_saves`, `should_save`,
   `reached_preemption`, `maybe_save`, and `save(..., force=True)` at the end, then `close()`.
+  A failed save raises `CheckpointWriteError` at the first of those calls after it failed
+  (`check_saves` does not wait for a save in progress), naming the last complete step, which
+  stays the latest on disk. With a `lease` (lease.RunLease), every save first checks that this
+  run still holds the workdir.
   """
 
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict, trainer: Trainer):
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, CHECKPOINTS)
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, trainer: Trainer,
+               lease=None):
+    self.workdir = paths.absolute(workdir, 'workdir')
+    self.directory = paths.join(self.workdir, CHECKPOINTS)
     self.config = config
     self.trainer = trainer
     self.every = config.checkpoint.every_steps
+    self.lease = lease
+    self.last_good: int | None = None   # the latest step known complete on disk
+    self._pending: int | None = None    # a save whose outcome is not known yet
+    self._failed = False
     self._config_json = config_json(config)
     self._report_unfinished_writes()
     self.manager = ocp.CheckpointManager(
@@ -250,9 +284,9 @@ class Checkpointer:
   def _report_unfinished_writes(self) -> None:
     """Orbax writes into `<step>.orbax-checkpoint-tmp*` and renames when complete; leftovers are
     saves that a kill interrupted (the manager deletes them)."""
-    if not os.path.isdir(self.directory):
+    if not paths.isdir(self.directory):
       return
-    for name in sorted(os.listdir(self.directory)):
+    for name in sorted(p.name for p in paths.as_path(self.directory).iterdir()):
       if '.orbax-checkpoint-tmp' in name:
         _say(f'checkpoint step {name.split(".")[0]} in {self.directory} was still being written '
              f'when the previous run stopped ({name}); it is incomplete and will be deleted.',
@@ -268,6 +302,7 @@ class Checkpointer:
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     if not steps:
+      self._refuse_if_all_quarantined()
       return self._initial_state()
     expected = abstract_state(self.trainer)
     problems = []
@@ -277,16 +312,31 @@ class Checkpointer:
       except _Corrupt as e:
         problems.append(f'step {step}: {e}')
         _say(f'checkpoint step {step} in {self.directory} is unusable: {e}. '
-             f'Moving it to {os.path.join(self.workdir, CORRUPT)} and trying the previous one.',
+             f'Moving it to {paths.join(self.workdir, CORRUPT)} and trying the previous one.',
              warn=True)
         self._quarantine(step)
         continue
-      _say(f'resuming from step {step} ({os.path.join(self.directory, str(step))})')
+      _say(f'resuming from step {step} ({paths.join(self.directory, str(step))})')
+      self.last_good = step
       return state
     raise CorruptCheckpointError(
-        f'no checkpoint in {self.directory} could be restored:\n  ' + '\n  '.join(problems) +
-        f'\nThey were moved to {os.path.join(self.workdir, CORRUPT)}; rerun to start from '
-        'scratch (or from config.train.init_from).')
+        f'no checkpoint in {self.directory} could be restored ({"; ".join(problems)}); '
+        + self._quarantine_advice(steps[0]))
+
+  def _quarantine_advice(self, step) -> str:
+    corrupt = paths.join(self.workdir, CORRUPT)
+    return (f'all were moved to {corrupt}/. To retry one after fixing it: mv {corrupt}/{step} '
+            f'{self.directory}/{step}; to start from scratch instead: rm -r {corrupt} and rerun.')
+
+  def _refuse_if_all_quarantined(self) -> None:
+    """A workdir whose every step was quarantined must not silently restart from step 0."""
+    corrupt = paths.join(self.workdir, CORRUPT)
+    names = [p.name for p in paths.as_path(corrupt).iterdir()] if paths.isdir(corrupt) else []
+    steps = sorted(int(n.split('-')[0]) for n in names if n.split('-')[0].isdigit())
+    if steps:
+      raise CorruptCheckpointError(
+          f'{self.directory} holds no checkpoint but an earlier run quarantined steps '
+          f'{", ".join(map(str, steps))}; ' + self._quarantine_advice(steps[-1]))
 
   def _restore_step(self, step: int, expected: dict, data_iter) -> TrainState:
     where = f'checkpoint step {step} in {self.directory}'
@@ -306,10 +356,10 @@ class Checkpointer:
   def _restore_data(self, step: int, data_iter) -> None:
     """Repositions the grain iterator; a changed process count reuses process 0's position
     (valid for data/pipeline.py, whose position counts global batches)."""
-    item = os.path.join(self.directory, str(step), 'data')
+    item = paths.join(self.directory, str(step), 'data')
     mine = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
-    saved = sorted(f for f in (os.listdir(item) if os.path.isdir(item) else [])
-                   if f.startswith('process_') and f.endswith('.json'))
+    saved = sorted(f.name for f in (paths.as_path(item).iterdir() if paths.isdir(item) else [])
+                   if f.name.startswith('process_') and f.name.endswith('.json'))
     try:
       if mine in saved:
         self.manager.restore(step, args=ocp.args.Composite(
@@ -318,8 +368,7 @@ class Checkpointer:
         other = next((f for f in saved if f.startswith('process_0-')), saved[0])
         _say(f'checkpoint step {step} holds the data position of another process count '
              f'({other}); using it for this process.', warn=True)
-        with open(os.path.join(item, other)) as f:
-          data_iter.set_state(json.load(f))
+        data_iter.set_state(json.loads(paths.read_text(paths.join(item, other))))
       else:
         _say(f'checkpoint step {step} has no data-iterator state; the data stream restarts from '
              'its beginning (the run is no longer an exact continuation).', warn=True)
@@ -329,11 +378,11 @@ class Checkpointer:
   def _quarantine(self, step: int) -> None:
     """Moves an unusable step out of the manager's directory so new saves can reuse its number."""
     if jax.process_index() == 0:
-      dest = os.path.join(self.workdir, CORRUPT, str(step))
-      if os.path.exists(dest):
+      dest = paths.join(self.workdir, CORRUPT, str(step))
+      if paths.exists(dest):
         dest += f'-{int(time.time())}'
-      os.makedirs(os.path.dirname(dest), exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), dest)
+      paths.makedirs(paths.join(self.workdir, CORRUPT))
+      paths.as_path(paths.join(self.directory, str(step))).rename(dest)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'ppflow_quarantine_{step}')
     self.manager.reload()
@@ -365,18 +414,46 @@ class Checkpointer:
   def maybe_save(self, step: int, state: TrainState, data_iter) -> None:
     self.save(step, state, data_iter, force=False)
 
+  def check_saves(self) -> None:
+    """Raises CheckpointWriteError if the last save has failed; never waits for one in flight."""
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self._settle()
+
+  def _settle(self) -> None:
+    """Waits for the pending save and records its outcome (raises if it failed)."""
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._fail(step, e)
+    self.last_good = step
+
+  def _fail(self, step: int, e: BaseException):
+    self._failed = True
+    last = 'none (no step was completed)' if self.last_good is None else self.last_good
+    raise CheckpointWriteError(f'checkpoint step {step} could not be written: {_short(e)}; '
+                               f'the last good step is {last}') from e
+
   def save(self, step: int, state: TrainState, data_iter, force: bool = False) -> None:
     """Saves (asynchronously if config.checkpoint.async_save) on the interval, or always if
     `force`; a step that is already saved is skipped. The caller has checked finiteness."""
     if step in self.manager.all_steps() or not (force or self.should_save(step)):
       return
+    if self.lease is not None:
+      self.lease.check()
+    if self._pending is not None:
+      self._settle()
     tree = state_dict(state)
     items = dict(state=ocp.args.StandardSave(tree),
                  config=ocp.args.JsonSave(self._config_json),
                  checksum=ocp.args.JsonSave(checksums(tree)))
     if data_iter is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iter)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._fail(step, e)
+    self._pending = step
     logging.info('checkpoint step %d -> %s', step, self.directory)
 
   def __enter__(self) -> Checkpointer:
@@ -386,12 +463,20 @@ class Checkpointer:
     self.close()
 
   def close(self) -> None:
-    """Waits for the last async save and restores the previous SIGTERM handler."""
-    self.manager.wait_until_finished()
-    self.manager.close()
-    if self._previous_handler is not None:
-      signal.signal(signal.SIGTERM, self._previous_handler)
-      self._previous_handler = None
+    """Waits for the last async save (raising CheckpointWriteError if it failed) and restores
+    the previous SIGTERM handler."""
+    try:
+      if self._pending is not None and not self._failed:
+        self._settle()
+    finally:
+      if self._previous_handler is not None:
+        signal.signal(signal.SIGTERM, self._previous_handler)
+        self._previous_handler = None
+      try:
+        self.manager.close()
+      except Exception:  # pylint: disable=broad-except
+        if not self._failed:  # Otherwise it re-raises the failure already reported.
+          raise
 
 
 def _read_step_metadata(manager: ocp.CheckpointManager, step: int):
@@ -404,7 +489,7 @@ def _read_step_metadata(manager: ocp.CheckpointManager, step: int):
     raise _Corrupt('its state metadata (state/_METADATA) is missing')
   saved = {}
   for name in ('config', 'checksum'):
-    if not os.path.isdir(os.path.join(str(manager.directory), str(step), name)):
+    if not paths.isdir(paths.join(str(manager.directory), str(step), name)):
       saved[name] = None  # Written without it (older version): nothing to check.
       continue
     try:
@@ -439,9 +524,9 @@ def restore_for_inference(workdir: str, config: ml_collections.ConfigDict,
   needed: `opt_state` and `rng` are None), else params written by `save_params` / the converter
   into `workdir` (then EMA = params, step 0).
   """
-  workdir = os.path.abspath(workdir)
-  directory = os.path.join(workdir, CHECKPOINTS)
-  if os.path.isdir(directory):
+  workdir = paths.absolute(workdir, 'workdir')
+  directory = paths.join(workdir, CHECKPOINTS)
+  if paths.isdir(directory):
     manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0,
                                                         create=False),
@@ -454,7 +539,7 @@ def restore_for_inference(workdir: str, config: ml_collections.ConfigDict,
         return _restore_inference_state(manager, directory, config, trainer)
     finally:
       manager.close()
-  if os.path.isdir(os.path.join(workdir, PARAMS_DIR)):
+  if paths.isdir(paths.join(workdir, PARAMS_DIR)):
     params = load_params(workdir, config, trainer)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
                       opt_state=None, rng=None)
@@ -501,15 +586,15 @@ def save_params(directory: str, params, config: ml_collections.ConfigDict) -> st
     params: pure dict of arrays (`nnx.to_pure_dict` layout) of the model of `config`.
     config: the resolved config of that model (checked again by `load_params`).
   """
-  directory = os.path.abspath(directory)
-  path = os.path.join(directory, PARAMS_DIR)
-  if os.path.exists(path):
+  directory = paths.absolute(directory)
+  path = paths.join(directory, PARAMS_DIR)
+  if paths.exists(path):
     raise FileExistsError(f'{path} exists; remove it or pick another directory')
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(path, params)
   if jax.process_index() == 0:
-    with open(os.path.join(directory, PARAMS_CONFIG), 'w') as f:
-      json.dump(config_json(config), f, indent=2)
+    paths.write_text(paths.join(directory, PARAMS_CONFIG), json.dumps(config_json(config),
+                                                                       indent=2))
   return path
 
 
@@ -521,31 +606,46 @@ def load_params(directory: str, config: ml_collections.ConfigDict, trainer: Trai
   Raises:
     ConfigMismatchError / CheckpointMismatchError: written for another model.
   """
-  directory = os.path.abspath(directory)
-  if os.path.basename(directory) == PARAMS_DIR:
-    directory = os.path.dirname(directory)
-  path = os.path.join(directory, PARAMS_DIR)
-  if not os.path.isdir(path):
+  directory = paths.absolute(directory).rstrip('/')
+  if directory.endswith('/' + PARAMS_DIR):
+    directory = directory[:-len(PARAMS_DIR) - 1]
+  path = paths.join(directory, PARAMS_DIR)
+  if not paths.isdir(path):
     raise FileNotFoundError(f'{directory} holds no {PARAMS_DIR}/: write it with '
                             'checkpoint.save_params or python -m ppflow_jax.convert')
   saved = None
-  if os.path.exists(os.path.join(directory, PARAMS_CONFIG)):
-    with open(os.path.join(directory, PARAMS_CONFIG)) as f:
-      saved = json.load(f)
+  if paths.exists(paths.join(directory, PARAMS_CONFIG)):
+    saved = json.loads(paths.read_text(paths.join(directory, PARAMS_CONFIG)))
   check_config(saved, config, f'the params in {path}')
   target = abstract_state(trainer)['params']
   with ocp.StandardCheckpointer() as ckpt:
-    check_tree(ckpt.metadata(path).item_metadata, target, f'the params in {path}')
-    return ckpt.restore(path, target)
+    metadata = ckpt.metadata(path).item_metadata
+    saved_stacked = block_stack.flat_paths_stacked(flat_paths(metadata))
+    if saved_stacked == config.model.scan_blocks:
+      check_tree(metadata, target, f'the params in {path}')
+      return ckpt.restore(path, target)
+    # The other block layout: restore replicated, then convert onto the trainer's shardings.
+    other = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(trainer.mesh)),
+        block_stack.abstract_to_layout(target, saved_stacked))
+    check_tree(metadata, other, f'the params in {path}')
+    _say(f'the params in {path} have {block_stack.layout_name(saved_stacked)} blocks; converting '
+         f'to {block_stack.layout_name(config.model.scan_blocks)}')
+    return jax.jit(lambda p: block_stack.to_layout(p, config.model.scan_blocks),
+                   out_shardings=trainer.state_sharding.params)(ckpt.restore(path, other))
 
 
 def load_init_params(init_from: str, config: ml_collections.ConfigDict, trainer: Trainer):
   """What `config.train.init_from` names: a `save_params`/converter directory, or a PyTorch /
   safetensors SiT, DiT or PPF file (converted by ppflow_jax.convert)."""
-  if os.path.isdir(init_from):
+  if paths.isdir(init_from):
     return load_params(init_from, config, trainer)
-  if not os.path.exists(init_from):
-    raise FileNotFoundError(f'config.train.init_from={init_from!r} does not exist')
+  if not paths.exists(init_from) and weights.release(init_from):  # a released name: download
+    init_from = weights.resolve(init_from)
+  if not paths.exists(init_from):
+    raise FileNotFoundError(f'config.train.init_from={init_from!r} does not exist; give a weight '
+                            'file (.pt/.safetensors) or a directory written by '
+                            'python -m ppflow_jax.convert')
   if not init_from.endswith(TORCH_SUFFIXES):
     raise ValueError(f'config.train.init_from={init_from!r} must be a directory written by '
                      f'checkpoint.save_params / python -m ppflow_jax.convert, or a weight file '

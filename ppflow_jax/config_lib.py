@@ -10,7 +10,15 @@ Config files in `configs/` call `base_config()` and fill in what differs; comman
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
+
+from ppflow_jax import errors
+
+# The config files: configs/ of the checkout, installed as the package data ppflow_jax/configs.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
 
 # (depth, hidden_size, num_heads) of the SiT/DiT family (SiT paper, Table 1).
 MODEL_SIZES = {
@@ -50,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
       dtype='float32',        # compute dtype: 'float32' | 'bfloat16' (params stay param_dtype).
       param_dtype='float32',
       attention='auto',       # 'auto' | 'xla' | 'splash' | 'pallas_gpu' | 'cudnn' (ops/attention.py).
+      # models/block_stack.py: stacked block params under one lax.scan (compiles the block once),
+      # and rematerialisation 'none' | 'full' | 'dots' (keep only weight-matmul outputs).
+      scan_blocks=False, remat='none',
       # MPDiT only (models/mpdit.py): blocks that run on small-patch tokens, class prefix tokens.
       mpdit_fine_blocks=6, mpdit_class_tokens=16, mpdit_coarse_patch=(),  # () = 2x the finest.
   ))
@@ -112,13 +123,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=5000, max_to_keep=3, async_save=True,
       allow_model_mismatch=False,  # refuse a checkpoint whose model fields differ from the config.
+      lease_expiry_s=600.0,   # a run lease not refreshed for this long is stale (lease.py).
   ))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices.
+  # Device mesh (-1: all remaining devices) and the logical-axis -> mesh-axis rules of params and
+  # activations (sharding.py; MaxText-style): e.g. ('mlp', None) keeps MLP weights unsharded.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=(
+      ('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'), ('heads', 'tensor'),
+      ('vocab', None), ('layers', None))))
 
   c.eval = ml_collections.ConfigDict(dict(
       num_samples=50_000, labels='uniform',  # 'uniform' (ADM/DiT) | 'balanced' (50 per class).
       reference_batch='', inception_weights='', out_dir='',
+      # ADM-suite choices (evaluation/evaluate.py); the defaults are the ADM-closest ones.
+      inception_preprocess='tf1',  # 'tf1' (ADM's TF graph ops, emulated) | 'pytorch_fid'.
+      pr_distances='float16',  # precision/recall distances: ADM float16 (float32 on overflow).
+      is_split_size=5000,     # IS over contiguous chunks of this many samples (ADM).
       fmnist_fid=True,        # Fashion-MNIST runs: FID of the report's samples (feature network).
       report_samples=200,     # samples per row of the end-of-run report (FID and timing).
   ))
@@ -145,7 +165,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Fills derived model fields (size preset) in place and validates; returns the config."""
   m = config.model
   if m.size not in MODEL_SIZES:
-    raise ValueError(f'config.model.size={m.size!r} is not one of {sorted(MODEL_SIZES)}')
+    raise errors.ConfigError(f'config.model.size={m.size!r} is not one of {sorted(MODEL_SIZES)}')
   depth, hidden, heads = MODEL_SIZES[m.size]
   m.depth = m.depth or depth
   m.hidden_size = m.hidden_size or hidden
@@ -154,40 +174,132 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def config_names() -> list[str]:
+  """Names of the packaged configs (`ppf_xl_2`, ...)."""
+  return sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith('.py') and f[0] != '_')
+
+
+def find_config(spec: str) -> str:
+  """`path.py[:arg]` or a packaged config's name (`ppf_xl_2`, `configs/ppf_xl_2.py`) -> the
+  config file's path, `:arg` kept. Raises ConfigError naming the known configs."""
+  path, sep, arg = spec.partition(':')
+  if os.path.isfile(path):
+    return spec
+  name = os.path.basename(path)
+  name = name[:-3] if name.endswith('.py') else name
+  packaged = os.path.join(CONFIG_DIR, name + '.py')
+  if os.path.dirname(path) in ('', 'configs') and os.path.isfile(packaged):
+    return packaged + sep + arg
+  raise errors.ConfigError(
+      f'--config={spec}: config file {path!r} not found (relative to {os.getcwd()}); pass an '
+      f'existing .py file or a packaged config name: {", ".join(config_names())}')
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """The ConfigDict of `spec` (see find_config): the file's `get_config(arg)`."""
+  path, _, arg = find_config(spec).partition(':')
+  module_spec = importlib.util.spec_from_file_location(
+      os.path.basename(path)[:-3].replace('-', '_'), path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None) if arg else module.get_config()
+
+
 def _choice(value, name: str, allowed) -> None:
   if value not in allowed:
-    raise ValueError(f'{name}={value!r} must be one of {list(allowed)}')
+    raise errors.ConfigError(f'{name}={value!r} must be one of {list(allowed)}')
+
+
+def _at_least(config: ml_collections.ConfigDict, dotted: str, low: int, why: str) -> None:
+  value = config
+  for part in dotted.split('.'):
+    value = value[part]
+  if not isinstance(value, (int, float)) or value < low:
+    raise errors.ConfigError(f'config.{dotted}={value!r} must be >= {low} ({why})')
+
+
+# Fields a run divides by, loops over or allocates with: (field, lowest value, why).
+_LOWER_BOUNDS = (
+    ('model.depth', 1, 'number of transformer blocks'),
+    ('model.hidden_size', 1, 'model width'),
+    ('model.num_heads', 1, 'attention heads'),
+    ('model.num_classes', 1, 'class-conditional models need at least one class'),
+    ('latent.height', 1, 'latent size'),
+    ('latent.width', 1, 'latent size'),
+    ('latent.channels', 1, 'latent size'),
+    ('train.steps', 1, 'training steps'),
+    ('train.batch_size', 1, 'global batch'),
+    ('train.log_every', 1, 'metrics are fetched every log_every steps; use a large value to log '
+     'rarely'),
+    ('train.sample_every', 0, '0 turns periodic sample grids off'),
+    ('train.warmup_steps', 0, 'linear warm-up length'),
+    ('sample.batch_size', 1, 'samples per sampler call'),
+    ('sample.num_images', 1, 'images in the --mode=sample grid'),
+    ('checkpoint.every_steps', 1, 'checkpoints are saved every every_steps steps; use a value '
+     'above train.steps to save only at the end'),
+    ('checkpoint.max_to_keep', 1, 'checkpoints kept'),
+    ('data.image_size', 1, 'image side in pixels'),
+    ('data.num_workers', 0, 'grain worker processes; 0 reads in the main process'),
+    ('data.prefetch', 0, 'batches read ahead'),
+    ('eval.num_samples', 1, 'samples of --mode=sample_fid'),
+    ('eval.report_samples', 1, 'samples of the end-of-run report'),
+)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError with the offending field for values no run can use."""
+  """Raises ConfigError (a ValueError) with the offending field for values no run can use."""
   m = config.model
   _choice(m.variant, 'config.model.variant', ('ppf', 'mpdit'))
   _choice(m.dtype, 'config.model.dtype', ('float32', 'bfloat16'))
   _choice(m.param_dtype, 'config.model.param_dtype', ('float32', 'bfloat16'))
   _choice(m.attention, 'config.model.attention', ('auto', 'xla', 'splash', 'pallas_gpu', 'cudnn'))
+  _choice(m.remat, 'config.model.remat', ('none', 'full', 'dots'))
+  if m.variant != 'ppf' and (m.scan_blocks or m.remat != 'none'):
+    raise ValueError(f'config.model.scan_blocks / remat are implemented for the ppf variant only; '
+                     f'set them to False / "none" for variant={m.variant!r}')
+  for dotted, low, why in _LOWER_BOUNDS:
+    _at_least(config, dotted, low, why)
   if m.hidden_size % m.num_heads:
-    raise ValueError(f'config.model.hidden_size={m.hidden_size} is not divisible by '
-                     f'num_heads={m.num_heads}')
+    raise errors.ConfigError(f'config.model.hidden_size={m.hidden_size} is not divisible by '
+                             f'num_heads={m.num_heads}')
   if not 0.0 <= m.class_dropout < 1.0:
-    raise ValueError(f'config.model.class_dropout={m.class_dropout} must be in [0, 1)')
+    raise errors.ConfigError(f'config.model.class_dropout={m.class_dropout} must be in [0, 1)')
   _choice(config.train.regime, 'config.train.regime', ('ppflow', 'flexidit', 'lumina'))
   _choice(config.sample.method, 'config.sample.method', ('euler', 'heun', 'sde'))
   _choice(config.sample.cfg_channels, 'config.sample.cfg_channels', ('all', 'legacy'))
   _choice(config.data.source, 'config.data.source',
           ('fashion_mnist', 'imagenet', 'image_folder', 'latents'))
   _choice(config.eval.labels, 'config.eval.labels', ('uniform', 'balanced'))
+  _choice(config.eval.inception_preprocess, 'config.eval.inception_preprocess',
+          ('tf1', 'pytorch_fid'))
+  _choice(config.eval.pr_distances, 'config.eval.pr_distances', ('float16', 'float32', 'float64'))
+  if config.eval.is_split_size < 1:
+    raise ValueError(f'config.eval.is_split_size={config.eval.is_split_size} must be >= 1 '
+                     '(ADM: 5000)')
   if config.sample.num_steps < 2:
-    raise ValueError(f'config.sample.num_steps={config.sample.num_steps} must be >= 2 '
-                     '(it counts grid points including both ends)')
-  for name in ('steps', 'batch_size'):
-    if config.train[name] <= 0:
-      raise ValueError(f'config.train.{name}={config.train[name]} must be positive')
+    raise errors.ConfigError(f'config.sample.num_steps={config.sample.num_steps} must be >= 2 '
+                             '(it counts grid points including both ends)')
+  if not 0.0 <= config.sample.sde_last_step < 1.0:
+    raise errors.ConfigError(f'config.sample.sde_last_step={config.sample.sde_last_step} must be '
+                             'in [0, 1)')
   if not 0.0 <= config.train.ema_decay < 1.0:
-    raise ValueError(f'config.train.ema_decay={config.train.ema_decay} must be in [0, 1)')
+    raise errors.ConfigError(f'config.train.ema_decay={config.train.ema_decay} must be in [0, 1)')
+  if config.train.grad_clip_norm < 0:
+    raise errors.ConfigError(f'config.train.grad_clip_norm={config.train.grad_clip_norm} must be '
+                             '>= 0 (0 turns clipping off)')
+  for axis, size in ((a, config.mesh[a]) for a in ('data', 'fsdp', 'tensor')):
+    if size != -1 and size < 1:
+      raise errors.ConfigError(f'config.mesh.{axis}={size} must be -1 (all remaining devices) or '
+                               '>= 1')
   # Stage schedule checks live with the schedule itself.
   from ppflow_jax import stages  # pylint: disable=g-import-not-at-top
-  stages.from_config(config)
+  try:
+    stages.from_config(config)
+  except errors.ConfigError:
+    raise
+  except ValueError as e:
+    raise errors.ConfigError(str(e) if str(e).startswith('config.') else
+                             f'config.schedule: {e}') from e
 
 
 def imagenet_config(size: str, num_stages: int, cfg_scales, *, resolution: int = 256,
@@ -203,6 +315,8 @@ def imagenet_config(size: str, num_stages: int, cfg_scales, *, resolution: int =
   c.data.image_size = resolution
   c.data.source = 'latents'
   set_schedule(c, num_stages, cfg_scales)
+  # The published FIDs (SiT, DiT, PPFlow) guide latent channels 0..2 only; 'all' is one override.
+  c.sample.cfg_channels = 'legacy'
   if arg == 'runlocal':
     c.model.update(model_config('S', depth=2, hidden_size=96, num_heads=4, num_classes=10))
     c.latent.update(height=32, width=32, channels=1)
@@ -212,15 +326,15 @@ def imagenet_config(size: str, num_stages: int, cfg_scales, *, resolution: int =
     c.sample.update(num_steps=8, batch_size=8, num_images=8)
     c.checkpoint.every_steps = 10
   elif arg:
-    raise ValueError(f'unknown config argument {arg!r}; the only one is "runlocal"')
+    raise errors.ConfigError(f'unknown config argument {arg!r}; the only one is "runlocal"')
   return c
 
 
-def sit_config(size: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """SiT-<size>/2 on ImageNet 256 with SiT's FID sampler: SDE (Euler-Maruyama), CFG 1.5.
-
-  SiT guided latent channels 0..2 only; add `--config.sample.cfg_channels=legacy` to match it.
+def sit_config(size: str, arg: str | None = None, *,
+               resolution: int = 256) -> ml_collections.ConfigDict:
+  """SiT-<size>/2 on ImageNet 256 with SiT's FID protocol: SDE (Euler-Maruyama on
+  linspace(0, 0.96, 250) + one mean step), CFG 1.5 on latent channels 0..2.
   """
-  c = imagenet_config(size, 1, (1.5,), arg=arg)
+  c = imagenet_config(size, 1, (1.5,), resolution=resolution, arg=arg)
   c.sample.method = 'sde'
   return c

@@ -4,13 +4,17 @@
 latest complete checkpoint in `workdir` (checkpoint.py) and stops with a clear error, without
 saving, if a step produced a non-finite loss or gradient (the state of such a step is never kept).
 On SIGTERM or a JAX preemption sync point it saves the current step and exits with status 0.
-Metrics go to `workdir/metrics.jsonl` (one JSON object per logged step).
+Metrics (loss, per-stage loss, grad norm, lr, images/s, estimated MFU) go to
+`workdir/metrics.jsonl` and TensorBoard events in `workdir/tensorboard/` (summary.py); with
+config.train.sample_every every process samples an EMA grid, decoded by the VAE for latent
+configs, and process 0 writes it as a PNG and a TensorBoard image. A run first takes the
+workdir's run lease (lease.py; a second writer is refused before it touches anything), stops
+with one line when a checkpoint save failed (checked before every step), and writes
+`workdir/config.json`, the run record, once when the run starts, never rewriting it.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import jax
@@ -21,8 +25,12 @@ from absl import logging
 
 from ppflow_jax import checkpoint
 from ppflow_jax import data as data_lib
+from ppflow_jax import lease as lease_lib
+from ppflow_jax import paths
 from ppflow_jax import report
 from ppflow_jax import sharding
+from ppflow_jax import summary
+from ppflow_jax import train as train_lib
 from ppflow_jax.train import Trainer, TrainState
 
 
@@ -80,25 +88,35 @@ def check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
   return fetched
 
 
-def drop_records_after(path: str, step: int) -> None:
-  """Removes metrics of steps after `step` (work lost since the checkpoint a run resumes from)."""
-  if not os.path.exists(path):
-    return
-  def kept(line: str) -> bool:
-    try:
-      return json.loads(line)['step'] <= step
-    except (ValueError, KeyError):  # A line cut short by a kill.
-      return False
-  with open(path) as f:
-    lines = [l for l in f if kept(l)]
-  with open(path, 'w') as f:
-    f.writelines(lines)
+RUN_RECORD = 'config.json'
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> tuple[Trainer, TrainState]:
-  """Trains `config` in `workdir` (resuming if it holds checkpoints) -> (trainer, final state)."""
-  os.makedirs(workdir, exist_ok=True)
+def write_run_record(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes `workdir/config.json` unless it exists: it describes the run that wrote the
+  checkpoints beside it (each checkpoint step also keeps the config it was trained with)."""
+  path = paths.join(workdir, RUN_RECORD)
+  if jax.process_index() == 0 and not paths.exists(path):
+    paths.write_text(path, config.to_json_best_effort(indent=2))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       force: bool = False) -> tuple[Trainer, TrainState]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints) -> (trainer, final state).
+
+  Args:
+    force: take the workdir's run lease over from a holder that still looks alive.
+  Raises:
+    lease.LeaseHeldError: another process is training in `workdir` (nothing was written).
+    checkpoint.CheckpointWriteError: a save failed; the last complete step is kept.
+  """
+  paths.makedirs(workdir)
+  with lease_lib.RunLease(workdir, expiry_s=config.checkpoint.lease_expiry_s,
+                          force=force) as lease:
+    return _train(config, workdir, lease)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           lease: lease_lib.RunLease) -> tuple[Trainer, TrainState]:
   mesh = sharding.make_mesh(config)
   trainer = Trainer(config, mesh)
   lead = jax.process_index() == 0
@@ -106,16 +124,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       config, global_batch_size=config.train.batch_size, process_index=jax.process_index(),
       process_count=jax.process_count(), seed=config.seed)
   encoder = OnlineEncoder(config, trainer) if needs_online_encoding(config) else None
-  ckpt = checkpoint.Checkpointer(workdir, config, trainer)
-  state = ckpt.restore_or_init(data_iter)
+  ckpt = checkpoint.Checkpointer(workdir, config, trainer, lease=lease)
+  try:
+    state = ckpt.restore_or_init(data_iter)
+  except BaseException:
+    ckpt.close()
+    raise
+  write_run_record(config, workdir)
   start = int(jax.device_get(state.step))
   total = config.train.steps
   logging.info('training %s from step %d to %d in %s', config.model.size, start, total, workdir)
 
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  if lead:
-    drop_records_after(metrics_path, start)
-  metrics_file = open(metrics_path, 'a') if lead else None
+  writer = summary.RunWriter(workdir, enabled=lead, resume_step=start)
+  lr_at = train_lib.learning_rate(config)
+  flops_per_image = summary.training_flops_per_image(config)
+  vae = None
+  if config.train.sample_every:
+    from ppflow_jax import vae as vae_lib  # pylint: disable=g-import-not-at-top
+    vae = vae_lib.for_config(config)
   pending: list[tuple[int, dict]] = []
   bar = tqdm.tqdm(total=total, initial=start, disable=not lead, dynamic_ncols=True,
                   desc='train')
@@ -123,6 +149,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   try:
     with jax.set_mesh(mesh):
       for step in range(start + 1, total + 1):
+        ckpt.check_saves()
+        if jax.process_count() == 1:  # A flag read; multi-process jobs check at saves (collective).
+          lease.check()
         batch = global_batch(next(data_iter), trainer)
         if encoder is not None:
           batch = encoder(batch, step)
@@ -133,28 +162,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           fetched = check_finite(pending)
           pending = []
           now = time.time()
-          rate = (step - last_step) / max(now - last_time, 1e-9)
+          rates = summary.step_rates(config, step - last_step, now - last_time, flops_per_image)
           last_time, last_step = now, step
           record = {k: float(v) for k, v in fetched[-1][1].items()}
-          record.update(step=step, steps_per_sec=rate)
-          bar.set_postfix(loss=f'{record["loss"]:.4f}', steps_s=f'{rate:.2f}')
-          if metrics_file:
-            metrics_file.write(json.dumps(record) + '\n')
-            metrics_file.flush()
+          record.update(lr=float(lr_at(step - 1)), **rates)
+          bar.set_postfix(loss=f'{record["loss"]:.4f}', steps_s=f'{rates["steps_per_sec"]:.2f}')
+          writer.scalars(step, record)
         if ckpt.reached_preemption(step):
           check_finite(pending)
           ckpt.save(step, state, data_iter, force=True)
           logging.warning('preempted: saved step %d; rerun the same command to resume', step)
           raise SystemExit(0)  # A clean exit that skips the report; `finally` awaits the save.
         ckpt.maybe_save(step, state, data_iter)
-        if config.train.sample_every and step % config.train.sample_every == 0 and lead:
-          report.save_sample_grid(trainer, state, config,
-                                  os.path.join(workdir, f'samples_{step:07d}.png'))
+        if config.train.sample_every and step % config.train.sample_every == 0:
+          grid = report.sample_grid(trainer, state, config, vae)  # every process samples
+          if lead:
+            report.save_png(grid, paths.join(workdir, f'samples_{step:07d}.png'))
+            writer.image(step, 'samples/ema', grid)
     ckpt.save(total, state, data_iter, force=True)
   finally:
     bar.close()
     ckpt.close()
-    if metrics_file:
-      metrics_file.close()
+    writer.close()
   return trainer, state
 

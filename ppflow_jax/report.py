@@ -9,9 +9,8 @@ Fashion-MNIST feature network (evaluation/fmnist_features.py).
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +18,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from ppflow_jax import paths
 from ppflow_jax import sampling
 
 
@@ -27,18 +27,27 @@ def to_uint8(x) -> np.ndarray:
   return np.asarray(jnp.clip((jnp.asarray(x) + 1.0) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
 
 
-def save_grid(images: np.ndarray, path: str, nrow: int, scale: int = 1) -> None:
-  """images: uint8 (N, H, W, C) -> one PNG with `nrow` images per row."""
+def make_grid(images: np.ndarray, nrow: int, scale: int = 1) -> np.ndarray:
+  """images: uint8 (N, H, W, C) -> one uint8 (rows*H*scale, nrow*W*scale, C) image, row-major."""
   n, h, w, c = images.shape
   rows = -(-n // nrow)
   grid = np.zeros((rows * h, nrow * w, c), np.uint8)
   for i, im in enumerate(images):
     r, col = divmod(i, nrow)
     grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = im
-  img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-  if scale > 1:
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-  img.save(path)
+  return grid.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else grid
+
+
+def save_png(image: np.ndarray, path: str) -> None:
+  """uint8 (H, W, C) -> a PNG at `path` (a local path or a URL, paths.py)."""
+  buffer = io.BytesIO()
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format='PNG')
+  paths.write_bytes(path, buffer.getvalue())
+
+
+def save_grid(images: np.ndarray, path: str, nrow: int, scale: int = 1) -> None:
+  """images: uint8 (N, H, W, C) -> one PNG with `nrow` images per row."""
+  save_png(make_grid(images, nrow, scale), path)
 
 
 def grid_labels(num_images: int, num_classes: int) -> np.ndarray:
@@ -61,34 +70,53 @@ def make_sampler(trainer, config: ml_collections.ConfigDict,
   return sampling.Sampler(trainer.graphdef, trainer.schedule, spec, config.model.num_classes)
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole array on every process (gathered when it is sharded over several processes)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def sample_in_chunks(sampler: sampling.Sampler, params, config: ml_collections.ConfigDict,
-                     labels: np.ndarray, seed: int) -> tuple[np.ndarray, list[float]]:
+                     labels: np.ndarray, seed: int) -> tuple[np.ndarray, list[sampling.Timing]]:
   """Samples latents for `labels` in chunks of config.sample.batch_size.
 
-  Returns (samples (N, H, W, C), seconds per chunk). The first chunk compiles the stage programs;
-  callers timing the sampler use the later chunks (see `steady_seconds`).
+  Returns (samples (N, H, W, C), the Timing of each chunk). The first chunk compiles the stage
+  programs; callers timing the sampler use the later chunks (see `steady_timings`).
   """
   noise, keys = initial_noise(config, len(labels), seed)
-  out, seconds, bs = [], [], config.sample.batch_size
+  out, timings, bs = [], [], config.sample.batch_size
   for i in range(0, len(labels), bs):
-    t0 = time.perf_counter()
-    x = sampler.sample(params, noise[i:i + bs], jnp.asarray(labels[i:i + bs]), keys[i:i + bs])
-    out.append(np.asarray(jax.block_until_ready(x)))
-    seconds.append(time.perf_counter() - t0)
-  return np.concatenate(out), seconds
+    x, timing = sampling.timed_sample(sampler, params, noise[i:i + bs],
+                                      jnp.asarray(labels[i:i + bs]), keys[i:i + bs])
+    out.append(to_host(x))
+    timings.append(timing)
+  return np.concatenate(out), timings
 
 
-def steady_seconds(sampler, params, config, labels: np.ndarray, seconds=(),
-                   repeats: int = 3) -> list[float]:
-  """Per-batch times without compilation: the full chunks after the first of `seconds`, topped
+def steady_timings(sampler, params, config, labels: np.ndarray, timings=(),
+                   repeats: int = 3) -> list[sampling.Timing]:
+  """Per-batch timings without compilation: the full chunks after the first of `timings`, topped
   up with fresh timed batches (after an untimed compile run if nothing ran yet)."""
   bs = config.sample.batch_size
-  steady = list(seconds[1:len(labels) // bs])
-  if not seconds:
+  steady = list(timings[1:len(labels) // bs])
+  if not timings:
     sample_in_chunks(sampler, params, config, labels[:bs], 0)
   while len(steady) < repeats:
     steady.append(sample_in_chunks(sampler, params, config, labels[:bs], 0)[1][0])
   return steady
+
+
+def ms_per_evaluation(sampler: sampling.Sampler, steady: list[sampling.Timing]) -> list[dict]:
+  """Median milliseconds per model evaluation of each (patch, passes) group of a run."""
+  rows = []
+  for (stage, guided), n in sorted(sampling.evaluations_by_group(sampler.schedule,
+                                                                 sampler.spec).items()):
+    rows.append(dict(stage=stage, patch=list(sampler.schedule.stages[stage].patch),
+                     passes=2 if guided else 1, evaluations=n,
+                     ms=float(np.median([1e3 * t.groups[stage, guided] / n for t in steady]))))
+  return rows
 
 
 def generate(trainer, params, config: ml_collections.ConfigDict, labels: np.ndarray, seed: int,
@@ -108,12 +136,23 @@ def initial_noise(config: ml_collections.ConfigDict, n: int, seed: int):
   return jax.vmap(one)(jnp.arange(n))
 
 
-def save_sample_grid(trainer, state, config, path: str, vae=None) -> None:
-  """A class-conditional grid of config.sample.num_images EMA samples."""
-  labels = grid_labels(config.sample.num_images, config.model.num_classes)
+def sample_grid(trainer, state, config, vae=None, labels=None) -> np.ndarray:
+  """A grid of EMA samples for `labels` (default: config.sample.num_images, one class per row),
+  decoded with `vae` when there is one: uint8 (H, W, C). Every process must call it (the sampler
+  runs on the sharded state); every process gets the whole grid."""
+  if labels is None:
+    labels = grid_labels(config.sample.num_images, config.model.num_classes)
+    nrow = max(1, config.sample.num_images // min(config.model.num_classes,
+                                                  config.sample.num_images))
+  else:
+    labels, nrow = np.asarray(labels, np.int32), min(len(labels), 8)
   x = decode(config, generate(trainer, state.ema, config, labels, config.seed), vae)
-  save_grid(to_uint8(x), path, nrow=max(1, config.sample.num_images // min(
-      config.model.num_classes, config.sample.num_images)), scale=2)
+  return make_grid(to_uint8(to_host(x) if isinstance(x, jax.Array) else x), nrow, scale=2)
+
+
+def save_sample_grid(trainer, state, config, path: str, vae=None, labels=None) -> None:
+  """`sample_grid` as a PNG."""
+  save_png(sample_grid(trainer, state, config, vae, labels), path)
 
 
 def plot_losses(metrics_file: str, path: str) -> None:
@@ -121,8 +160,8 @@ def plot_losses(metrics_file: str, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  with open(metrics_file) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+  records = [json.loads(line) for line in paths.read_text(metrics_file).splitlines()
+             if line.strip()]
   steps = [r['step'] for r in records]
   fig, ax = plt.subplots(figsize=(6, 3.5))
   for key in sorted(k for k in records[0] if k.startswith('loss')):
@@ -132,8 +171,10 @@ def plot_losses(metrics_file: str, path: str) -> None:
   ax.set_yscale('log')
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100)
   plt.close(fig)
+  paths.write_bytes(path, buffer.getvalue())
 
 
 def final_report(trainer, state, config: ml_collections.ConfigDict, workdir: str,
@@ -155,47 +196,64 @@ def final_report(trainer, state, config: ml_collections.ConfigDict, workdir: str
   images = {}
   for name, overrides in (('ppf', {}), ('finest', {'force_finest': True})):
     sampler = make_sampler(trainer, config, **overrides)
-    latents, seconds = sample_in_chunks(sampler, state.ema, config, labels, config.seed)
-    steady = steady_seconds(sampler, state.ema, config, labels, seconds)
-    result[f'{name}_batch_seconds'] = float(np.median(steady))
-    result[f'{name}_batch_seconds_range'] = [float(min(steady)), float(max(steady))]
+    latents, timings = sample_in_chunks(sampler, state.ema, config, labels, config.seed)
+    steady = steady_timings(sampler, state.ema, config, labels, timings)
+    seconds = [t.seconds for t in steady]
+    result[f'{name}_batch_seconds'] = float(np.median(seconds))
+    result[f'{name}_batch_seconds_range'] = [float(min(seconds)), float(max(seconds))]
+    result[f'{name}_ms_per_evaluation'] = ms_per_evaluation(sampler, steady)
+    result[f'{name}_forward_passes'] = sum(sampling.forward_passes(sampler.schedule, sampler.spec))
     images[name] = np.clip(np.asarray(decode(config, latents, vae)), -1.0, 1.0)
     suffix = '' if name == 'ppf' else '_finest'
     save_grid(to_uint8(images[name][:config.sample.num_images]),
-              os.path.join(workdir, f'samples{suffix}.png'), nrow, 2)
+              paths.join(workdir, f'samples{suffix}.png'), nrow, 2)
   spec = sampling.SamplerSpec.from_config(config)
   result.update(
       sampler=f'{spec.method}, {spec.num_steps} grid points, CFG {list(config.schedule.cfg_scales)}'
               f' on {spec.cfg_channels} channels',
       measured_speedup=result['finest_batch_seconds'] / result['ppf_batch_seconds'],
-      flops_ratio=float(flops.testing_flops_ratio(config, spec)))
+      # Both rows timed with CFG as they run it, so the bound counts their guidance passes too.
+      flops_ratio=float(flops.testing_flops_ratio(config, spec, cfg=True)),
+      flops_ratio_without_cfg=float(flops.testing_flops_ratio(config, spec)))
   result['flops_speedup_bound'] = 1.0 / result['flops_ratio']
   if evaluator is not None:
     for name, x in images.items():
       result[f'fid_{name}'] = float(evaluator.score(x)['fid'])
-  metrics = os.path.join(workdir, 'metrics.jsonl')
-  if os.path.exists(metrics):
-    plot_losses(metrics, os.path.join(workdir, 'loss.png'))
-  with open(os.path.join(workdir, 'report.json'), 'w') as f:
-    json.dump(result, f, indent=2)
-  with open(os.path.join(workdir, 'report.md'), 'w') as f:
-    f.write(report_markdown(result))
+  metrics = paths.join(workdir, 'metrics.jsonl')
+  if paths.exists(metrics):
+    plot_losses(metrics, paths.join(workdir, 'loss.png'))
+  paths.write_text(paths.join(workdir, 'report.json'), json.dumps(result, indent=2))
+  paths.write_text(paths.join(workdir, 'report.md'), report_markdown(result))
   return result
+
+
+def _ms_per_evaluation_line(groups: list[dict]) -> str:
+  return ', '.join(f"{'x'.join(map(str, g['patch']))} {'with' if g['passes'] == 2 else 'without'} "
+                   f"guidance pass: {g['ms']:.1f} ms x {g['evaluations']}" for g in groups)
 
 
 def report_markdown(r: dict) -> str:
   def row(name, label, speedup, flops_pct):
     lo, hi = r[f'{name}_batch_seconds_range']
     return (f'| {label} | {r[f"{name}_batch_seconds"]:.2f} ({lo:.2f}-{hi:.2f}) | {speedup} | '
-            f'{flops_pct} | {r.get(f"fid_{name}", float("nan")):.2f} |')
+            f'{r[f"{name}_forward_passes"]} | {flops_pct} | '
+            f'{r.get(f"fid_{name}", float("nan")):.2f} |')
   return '\n'.join([
       f'# Run report (step {r["steps"]}, {r["device"]})', '',
-      f'Sampler: {r["sampler"]}. Same noise and labels for both rows; seconds per batch of '
-      f'{r["batch_size"]}, median (min-max) over batches after the first (compilation excluded); '
-      f'FID over {r["num_images"]} samples under the Fashion-MNIST feature network.', '',
-      '| sampling | s / batch | speed-up | testing FLOPs | FID |', '|---|---|---|---|---|',
+      f'Sampler: {r["sampler"]}. Same noise and labels for both rows, and the same passes at every '
+      'time (the unconditional pass is skipped where the CFG scale is 1.0, in both rows); seconds '
+      f'per batch of {r["batch_size"]}, median (min-max) over batches after the first '
+      f'(compilation excluded); FID over {r["num_images"]} samples under the Fashion-MNIST '
+      'feature network.', '',
+      '| sampling | s / batch | speed-up | forward passes | testing FLOPs (with CFG as run) | FID |',
+      '|---|---|---|---|---|---|',
       row('ppf', 'PPF (stage schedule)', f'{r["measured_speedup"]:.2f}x',
           f'{100 * r["flops_ratio"]:.1f}%'),
       row('finest', 'same weights, finest patch only', '1.00x', '100%'), '',
-      f'FLOPs bound on the speed-up: {r["flops_speedup_bound"]:.2f}x.', '',
+      f'FLOPs bound on the speed-up: {r["flops_speedup_bound"]:.2f}x (CFG passes counted as run; '
+      f'{100 * r["flops_ratio_without_cfg"]:.1f}% of the FLOPs without them, the paper\'s '
+      'convention).', '',
+      'Milliseconds per model evaluation (median per batch): PPF '
+      f'{_ms_per_evaluation_line(r["ppf_ms_per_evaluation"])}; finest only '
+      f'{_ms_per_evaluation_line(r["finest_ms_per_evaluation"])}.', '',
       '![samples](samples.png) ![loss](loss.png)', ''])

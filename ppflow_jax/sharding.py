@@ -2,11 +2,19 @@
 
 The mesh has three `AxisType.Auto` axes: `data` (pure data parallel), `fsdp` (data parallel with
 parameters and optimizer state sharded) and `tensor` (heads / MLP width). Model code only names
-logical axes (dit.py); `RULES` maps them to mesh axes. A dimension that a mesh axis does not
-divide stays replicated along it, so tiny test models shard wherever they can.
+logical axes (dit.py); rules map them to mesh axes, MaxText-style: `RULES` by default, or
+`config.mesh.rules` (`rules_from_config`), e.g. `('mlp', None)` to keep MLP weights whole or
+`('embed', ('fsdp', 'tensor'))` to shard them wider, without editing code. Parameter shardings use
+the rules directly; activation constraints (`constrain`) read the rules active in `axis_rules`
+(the train step traces under the config's). The data batch itself is always split over
+data x fsdp. A dimension that a mesh axis does not divide stays replicated along it, so tiny test
+models shard wherever they can.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import jax
 import ml_collections
@@ -25,7 +33,32 @@ RULES = (
     ('mlp', 'tensor'),
     ('heads', 'tensor'),
     ('vocab', None),
+    ('layers', None),   # the stacked (depth,) axis of scanned blocks (models/block_stack.py).
 )
+_ACTIVE_RULES = contextvars.ContextVar('ppflow_axis_rules', default=RULES)
+
+
+def rules_from_config(config: ml_collections.ConfigDict) -> tuple:
+  """config.mesh.rules as ((logical, mesh axes | None), ...); one clear error if malformed."""
+  rules = tuple(config.mesh.rules)
+  for rule in rules:
+    ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+    axes = () if not ok or rule[1] is None else (
+        (rule[1],) if isinstance(rule[1], str) else tuple(rule[1]))
+    if not ok or not set(axes) <= set(AXES):
+      raise ValueError(f'config.mesh.rules entry {rule!r} must be (logical_name, mesh axis or '
+                       f'tuple of mesh axes or None) with mesh axes from {AXES}')
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+@contextlib.contextmanager
+def axis_rules(rules: tuple):
+  """Makes `rules` the ones `constrain` uses while tracing inside this block."""
+  token = _ACTIVE_RULES.set(tuple(rules))
+  try:
+    yield
+  finally:
+    _ACTIVE_RULES.reset(token)
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
@@ -42,13 +75,23 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.M
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
     raise ValueError(f'config.mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, '
-                     f'but {len(devices)} are available')
+                     f'but {len(devices)} are available; make data * fsdp * tensor equal the '
+                     'device count, or set one axis to -1 (all remaining devices)')
+  slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  if slices > 1:  # multi-slice: the data axis spans slices (DCN), fsdp and tensor stay inside one.
+    if sizes[0] % slices:
+      raise ValueError(f'config.mesh.data={sizes[0]} must be a multiple of the {slices} slices '
+                       '(data parallelism spans slices)')
+    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+    grid = mesh_utils.create_hybrid_device_mesh(
+        (sizes[0] // slices, sizes[1], sizes[2]), (slices, 1, 1), devices)
+    return jax.sharding.Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
   return jax.make_mesh(tuple(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
                        devices=devices)
 
 
-def _mesh_axes(logical_axes) -> tuple:
-  rules = dict(RULES)
+def _mesh_axes(logical_axes, rules: tuple | None = None) -> tuple:
+  rules = dict(_ACTIVE_RULES.get() if rules is None else rules)
   return tuple(rules.get(a) if a is not None else None for a in logical_axes)
 
 
@@ -81,11 +124,11 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, fitted)
 
 
-def param_shardings(mesh: jax.sharding.Mesh, abstract_state: nnx.State):
+def param_shardings(mesh: jax.sharding.Mesh, abstract_state: nnx.State, rules: tuple = RULES):
   """NamedShardings for an (abstract) model state from its logical axis metadata."""
   def one(var):
     axes = var.get_metadata().get('out_sharding') or ()
-    return NamedSharding(mesh, _fit(_mesh_axes(axes), var.value.shape, mesh))
+    return NamedSharding(mesh, _fit(_mesh_axes(axes, rules), var.value.shape, mesh))
   return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

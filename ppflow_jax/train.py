@@ -36,10 +36,16 @@ class TrainState:
   rng: jax.Array         # (2,) uint32 base key data
 
 
+def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """step -> learning rate: config.train.lr after a linear warm-up of warmup_steps."""
+  t = config.train
+  return optax.linear_schedule(0.0, t.lr, t.warmup_steps) if t.warmup_steps else (lambda _: t.lr)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """AdamW (paper: lr 1e-4, no weight decay) with optional warmup and global-norm clipping."""
   t = config.train
-  lr = (optax.linear_schedule(0.0, t.lr, t.warmup_steps) if t.warmup_steps else t.lr)
+  lr = learning_rate(config) if t.warmup_steps else t.lr
   adamw = optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)
   return optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), adamw) if t.grad_clip_norm else adamw
 
@@ -69,7 +75,8 @@ class Trainer:
     self.tx = make_optimizer(config)
     abstract = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
     self.graphdef, abstract_state = nnx.split(abstract)
-    params_sharding = nnx.to_pure_dict(sharding.param_shardings(mesh, abstract_state))
+    self.rules = sharding.rules_from_config(config)
+    params_sharding = nnx.to_pure_dict(sharding.param_shardings(mesh, abstract_state, self.rules))
     abstract_params = nnx.to_pure_dict(abstract_state)
     opt_sharding = sharding.opt_state_shardings(
         self.tx, jax.eval_shape(self.tx.init, abstract_params), params_sharding, mesh)
@@ -127,7 +134,8 @@ class Trainer:
 
   def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state.params, batch, key)
+    with sharding.axis_rules(self.rules):  # activation constraints follow config.mesh.rules
+      (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state.params, batch, key)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -390,4 +390,7 @@ def load_diffusers_vae(path: str, *, dtype: str = 'float32') -> AutoencoderKL:
 
 def for_config(config) -> AutoencoderKL | None:
   """The VAE of config.vae.path, or None when the model works on images directly."""
-  return load_diffusers_vae(config.vae.path) if config.vae.path else None
+  if not config.vae.path:
+    return None
+  from ppflow_jax import weights  # pylint: disable=g-import-not-at-top
+  return load_diffusers_vae(weights.resolve(config.vae.path))  # resolves hf:<repo id>

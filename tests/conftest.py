@@ -7,6 +7,9 @@ import sys
 
 # Tests that need several devices run in subprocesses with their own XLA_FLAGS.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tests run on CPU; libtpu (requirements-test.txt) is there for ahead-of-time TPU compiles
+# (test_aot.py), which need no TPU backend.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, ROOT)
 
 import pytest  # noqa: E402

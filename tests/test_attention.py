@@ -188,7 +188,7 @@ def test_auto_choice_per_backend(backend, segmented, dtype, seq_len, want):
 @pytest.mark.parametrize('backend,kernel', [('tpu', True), ('gpu', True), ('cpu', False)])
 def test_auto_runs_the_backend_kernel(monkeypatch, backend, kernel):
   """With the backend name patched, 'auto' really calls a Pallas kernel (interpreted here)."""
-  monkeypatch.setattr(attn, '_backend', lambda: backend)
+  monkeypatch.setattr(attn, '_backend', lambda mesh=None: backend)
   q, k, v = _qkv(128)
   seg = _segments('packed', 128)
   fn = lambda q, k, v: attn.attention(q, k, v, seg, impl='auto', interpret=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,9 +10,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from PIL import Image
 
 from conftest import ROOT, tiny_config
-from ppflow_jax import flow, sharding
+from ppflow_jax import config_lib, flow, sharding, summary
 from ppflow_jax.train import Trainer
 
 
@@ -93,13 +96,38 @@ def test_main_default_runlocal_end_to_end(tmp_path):
   workdir = tmp_path / 'wd'
   base = [sys.executable, '-m', 'ppflow_jax.main', '--config=configs/default.py:runlocal',
           f'--workdir={workdir}', '--config.train.steps=6', '--config.train.log_every=3',
-          '--config.eval.fmnist_fid=False', '--config.sample.num_steps=4']
+          '--config.eval.fmnist_fid=False', '--config.sample.num_steps=4',
+          '--config.train.sample_every=6']
   env = dict(os.environ, PYTHONPATH=ROOT)
   out = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   for name in ('samples.png', 'loss.png', 'report.md', 'report.json', 'metrics.jsonl'):
     assert (workdir / name).exists(), name
   assert 'speed-up' in (workdir / 'report.md').read_text()
-  out = subprocess.run(base + ['--mode=sample'], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+  # Like for like: both rows skip the unconditional pass on the scale-1.0 stage (t <= 0.5).
+  rep = json.loads((workdir / 'report.json').read_text())
+  groups = lambda row: sorted((tuple(g['patch']), g['passes'], g['evaluations'])
+                              for g in rep[f'{row}_ms_per_evaluation'])
+  assert groups('ppf') == [((2, 2), 2, 3), ((4, 4), 1, 3)]
+  assert groups('finest') == [((2, 2), 1, 3), ((2, 2), 2, 3)]
+  assert rep['ppf_forward_passes'] == rep['finest_forward_passes'] == 9
+  assert rep['flops_speedup_bound'] == pytest.approx(1 / rep['flops_ratio'])
+  assert rep['flops_ratio'] > rep['flops_ratio_without_cfg']  # guided passes are all 2x2
+  # TensorBoard: every logged scalar at steps 3 and 6, the periodic grid as an image.
+  events = summary.read_events(str(workdir / 'tensorboard'))
+  for tag in ('loss/total', 'loss/stage0', 'loss/stage1', 'train/grad_norm', 'train/lr',
+              'perf/images_per_sec', 'perf/steps_per_sec'):
+    assert [s for s, _ in events[tag]] == [3, 6], tag
+  assert all(np.isfinite(v) and v > 0 for _, v in events['loss/total'])
+  lr = config_lib.load_config('default:runlocal').train.lr
+  assert events['train/lr'][0][1] == pytest.approx(lr * 2 / 100)  # warm-up: step 3 used lr(2)
+  [(step, grid)] = events['samples/ema']
+  assert step == 6 and grid.dtype == np.uint8 and grid.shape[0] > 32
+  assert (workdir / 'samples_0000006.png').exists()
+  out = subprocess.run(base + ['--mode=sample', '--class_labels=1,2,7'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
+  assert Image.open(workdir / 'samples.png').size == (3 * 64, 64)  # one row, 32 px at scale 2
+  # Quiet by default: no absl/orbax INFO lines.
+  assert ' INFO ' not in out.stderr and not any(l.startswith('I') and '] ' in l
+                                                for l in out.stderr.splitlines()), out.stderr

@@ -27,6 +27,7 @@ from ppflow_jax.convert.init_from_sit import init_from_sit
 from ppflow_jax.convert.init_from_sit import sit_params_from_state
 from ppflow_jax.convert.sit import CheckpointMismatchError
 from ppflow_jax.convert.torch_io import UnsafeCheckpointError
+from ppflow_jax.models import block_stack
 
 PARAMS_DIR = 'converted_params'
 
@@ -57,14 +58,18 @@ def save_params(params: dict, workdir: str) -> str:
 
 
 def restore_params(path: str, config: ml_collections.ConfigDict) -> dict:
-  """Params saved by `save_params` (`path`: the workdir or its converted_params dir)."""
+  """Params saved by `save_params` (`path`: the workdir or its converted_params dir), in the
+  block layout of `config` whichever layout they were saved in."""
+  from ppflow_jax.checkpoint import flat_paths  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(path)
   if os.path.isdir(os.path.join(path, PARAMS_DIR)):
     path = os.path.join(path, PARAMS_DIR)
   abstract = nnx.to_pure_dict(nnx.state(sit_lib.abstract_model(config)))
   with ocp.StandardCheckpointer() as ckpt:
     try:
-      return ckpt.restore(path, abstract)
+      saved_stacked = block_stack.flat_paths_stacked(flat_paths(ckpt.metadata(path).item_metadata))
+      params = ckpt.restore(path, block_stack.abstract_to_layout(abstract, saved_stacked))
+      return block_stack.to_layout(params, config.model.scan_blocks)
     except (ValueError, KeyError, FileNotFoundError) as e:
       why = str(e).split(' Metadata keys')[0]  # orbax appends every stored key: too long.
       raise ValueError(f'{path} is not converted params of the model of this config (convert '

@@ -17,13 +17,16 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ppflow_jax import cli
 from ppflow_jax import config_lib
 from ppflow_jax import convert
+from ppflow_jax import weights
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config of the target model.')
 _CHECKPOINT = flags.DEFINE_string('torch_checkpoint', None,
                                   'A .pt/.pth/.bin (loaded with weights_only=True) or '
-                                  '.safetensors SiT/DiT/official PPFlow weight file.')
+                                  '.safetensors SiT/DiT/official PPFlow weight file, a released '
+                                  'name (PPF-XL-2.pt, SiT-XL-2-256x256.pt, ...) or a URL.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output: DIR/converted_params is written.')
 _INIT_FROM_SIT = flags.DEFINE_bool(
     'init_from_sit', False,
@@ -35,7 +38,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = config_lib.resolve(_CONFIG.value)
-  path = _CHECKPOINT.value
+  path = weights.resolve(_CHECKPOINT.value)  # a file, or a released name / URL to download
   if _INIT_FROM_SIT.value:
     params = convert.init_from_sit(path, config)
   else:
@@ -47,5 +50,9 @@ def main(argv) -> None:
   print(out)
 
 
+def console() -> None:
+  cli.run(main)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  console()

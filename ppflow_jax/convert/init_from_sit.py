@@ -37,6 +37,7 @@ from flax import traverse_util
 
 from ppflow_jax.convert import sit as sit_lib
 from ppflow_jax.convert import torch_io
+from ppflow_jax.models import block_stack
 
 
 def sit_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -69,6 +70,8 @@ def expand_sit_params(sit_params: dict, config: ml_collections.ConfigDict, *,
 
   seed: for the fresh level embedding (default config.seed).
   """
+  scanned, config = config.model.scan_blocks, block_stack.with_layout(config, False)
+  sit_params = block_stack.to_layout(sit_params, False)
   model = sit_lib.abstract_model(config)
   schedule, fine = model.schedule, model.schedule.finest.patch
   c_in, c_out = model.in_channels, model.out_channels
@@ -98,8 +101,8 @@ def expand_sit_params(sit_params: dict, config: ml_collections.ConfigDict, *,
     shape = target[('level_embedder', 'embedding')].shape
     key = jax.random.key(config.seed if seed is None else seed)
     params[('level_embedder', 'embedding')] = 0.02 * np.asarray(jax.random.normal(key, shape))
-  return traverse_util.unflatten_dict(
-      {p: np.asarray(params[p], dtype=target[p].dtype) for p in target})
+  return block_stack.to_layout(traverse_util.unflatten_dict(
+      {p: np.asarray(params[p], dtype=target[p].dtype) for p in target}), scanned)
 
 
 def sit_params_from_state(state: dict[str, np.ndarray], config: ml_collections.ConfigDict, *,

@@ -27,6 +27,7 @@ from flax import nnx
 from flax import traverse_util
 
 from ppflow_jax import config_lib
+from ppflow_jax.models import block_stack
 from ppflow_jax.models import build_model
 
 # Space-to-depth factors (rows, cols) of the official PPFlow levels, coarsest first.
@@ -213,7 +214,7 @@ def convert_state_dict(state: dict[str, np.ndarray], config: ml_collections.Conf
   and ValueError when an official PPFlow file's stage patches differ from config.schedule.
   """
   layout = detect_layout(state)
-  model = abstract_model(config)
+  model = abstract_model(block_stack.with_layout(config, False))  # torch keys are per block
   schedule = model.schedule
   ours = tuple(s.patch for s in schedule.stages)
   if layout.kind == 'ppf' and layout.patches != ours:
@@ -263,4 +264,4 @@ def convert_state_dict(state: dict[str, np.ndarray], config: ml_collections.Conf
         lines.append(f'  {title} ({len(keys)}):')
         lines += [f'    {k}' for k in keys]
     raise CheckpointMismatchError('\n'.join(lines))
-  return traverse_util.unflatten_dict(params)
+  return block_stack.to_layout(traverse_util.unflatten_dict(params), config.model.scan_blocks)

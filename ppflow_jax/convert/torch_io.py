@@ -4,15 +4,26 @@ A pickle can run arbitrary code when it is loaded, so `.pt` files go through
 `torch.load(weights_only=True)` only: tensors, containers and a few allow-listed plain classes are
 rebuilt, anything else is refused with `UnsafeCheckpointError`. `.safetensors` files hold no code
 and are read with `safetensors.numpy`, without PyTorch.
+
+A file that cannot be read is told apart before any unpickling: `EmptyWeightFileError` (0 bytes),
+`TruncatedWeightFileError` (cut short: a zip without its directory, a pickle or safetensors
+payload that ends early), `CorruptWeightFileError` (not a weight file at all, e.g. an HTML page
+saved by a download link, or a zip member failing its CRC). All are `WeightFileError`s, user
+errors that the command-line tools print as one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
+import struct
+import zipfile
 
 import numpy as np
+
+from ppflow_jax import errors
 
 TORCH_SUFFIXES = ('.pt', '.pth', '.bin', '.ckpt')
 # Containers written by training scripts (SiT/DiT train.py: {'model', 'ema', 'opt', 'args'});
@@ -20,8 +31,89 @@ TORCH_SUFFIXES = ('.pt', '.pth', '.bin', '.ckpt')
 _CONTAINER_KEYS = ('ema', 'model', 'state_dict')
 
 
-class UnsafeCheckpointError(ValueError):
+class WeightFileError(errors.UserError, ValueError):
+  """A weight file that cannot be read; the message names the file and what to do."""
+
+
+class EmptyWeightFileError(WeightFileError):
+  """The file has 0 bytes."""
+
+
+class TruncatedWeightFileError(WeightFileError):
+  """The file ends before its own structure says it should (an interrupted download or copy)."""
+
+
+class CorruptWeightFileError(WeightFileError):
+  """The file is not a PyTorch/safetensors weight file, or its bytes fail a checksum."""
+
+
+class UnsafeCheckpointError(WeightFileError):
   """The file's pickle needs code that `torch.load(weights_only=True)` refuses to run."""
+
+
+_ZIP_MAGIC = b'PK\x03\x04'
+_PICKLE_MAGIC = b'\x80'  # PROTO opcode: torch's legacy (pre-1.6) non-zip format starts with it.
+_REDOWNLOAD = 'download or copy it again'
+
+
+def _check_torch_file(path: str) -> None:
+  """Raises the Empty/Truncated/Corrupt error that fits `path`, or returns if it looks whole.
+
+  A zip (torch >= 1.6) is checked member by member against its CRCs, which torch.load skips.
+  """
+  size = os.path.getsize(path)
+  if size == 0:
+    raise EmptyWeightFileError(f'{path} is empty (0 bytes); {_REDOWNLOAD}')
+  with open(path, 'rb') as f:
+    head = f.read(64)
+  if head.startswith(_ZIP_MAGIC):
+    if not zipfile.is_zipfile(path):
+      raise TruncatedWeightFileError(
+          f'{path} is truncated: a PyTorch zip of {size} bytes without its closing directory '
+          f'(an interrupted download or copy); {_REDOWNLOAD}')
+    try:
+      with zipfile.ZipFile(path) as z:
+        bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+      raise TruncatedWeightFileError(f'{path} is truncated or damaged ({e}); {_REDOWNLOAD}') from e
+    if bad is not None:
+      raise CorruptWeightFileError(f'{path} is corrupt: its entry {bad!r} fails its CRC check; '
+                                   f'{_REDOWNLOAD}')
+  elif not head.startswith(_PICKLE_MAGIC):
+    what = ('an HTML/text page, not weights (a download link that returned a web page?)'
+            if head.lstrip()[:1] in (b'<', b'{') else f'unknown bytes {head[:8]!r}')
+    raise CorruptWeightFileError(f'{path} is not a PyTorch weight file: it starts with {what}; '
+                                 'expected a torch.save zip or pickle, or use a .safetensors file')
+
+
+def _check_safetensors_file(path: str) -> None:
+  """Raises Empty/Truncated/Corrupt errors for a .safetensors file whose header or size is off."""
+  size = os.path.getsize(path)
+  if size == 0:
+    raise EmptyWeightFileError(f'{path} is empty (0 bytes); {_REDOWNLOAD}')
+  with open(path, 'rb') as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise TruncatedWeightFileError(f'{path} is truncated ({size} bytes, shorter than the '
+                                     f'safetensors header length); {_REDOWNLOAD}')
+    (header_len,) = struct.unpack('<Q', head)
+    if header_len > size - 8:
+      if header_len > 100_000_000:  # no real header is this long: not a safetensors file
+        raise CorruptWeightFileError(f'{path} is not a safetensors file (header length '
+                                     f'{header_len}); {_REDOWNLOAD}')
+      raise TruncatedWeightFileError(f'{path} is truncated: its header needs {header_len} bytes '
+                                     f'but the file has {size}; {_REDOWNLOAD}')
+    try:
+      header = json.loads(f.read(header_len))
+    except (ValueError, UnicodeDecodeError) as e:
+      raise CorruptWeightFileError(f'{path} is corrupt: its safetensors header is not JSON '
+                                   f'({e}); {_REDOWNLOAD}') from e
+  ends = [v['data_offsets'][1] for k, v in header.items()
+          if k != '__metadata__' and isinstance(v, dict) and 'data_offsets' in v]
+  need = 8 + header_len + max(ends, default=0)
+  if need > size:
+    raise TruncatedWeightFileError(f'{path} is truncated: its tensors need {need} bytes but the '
+                                   f'file has {size}; {_REDOWNLOAD}')
 
 
 def _load_torch(path: str) -> dict:
@@ -35,6 +127,9 @@ def _load_torch(path: str) -> dict:
   with torch.serialization.safe_globals([argparse.Namespace]):
     try:
       obj = torch.load(path, map_location='cpu', weights_only=True)
+    except EOFError as e:
+      raise TruncatedWeightFileError(f'{path} is truncated: its pickle ends early; '
+                                     f'{_REDOWNLOAD}') from e
     except pickle.UnpicklingError as e:
       # Keep torch's reason (e.g. 'unsupported GLOBAL posix.system'), not its generic advice.
       why = '; '.join(l.strip() for l in str(e).splitlines()[1:] if l.strip() and not
@@ -74,11 +169,14 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   strips the `module.` prefix of DistributedDataParallel/DataParallel-wrapped models.
   """
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'no checkpoint file at {path}')
+    raise errors.UserFileError(f'no weight file at {path}' + (
+        ' (it is a directory)' if os.path.isdir(path) else '') + '; check the path')
   if path.endswith('.safetensors'):
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    _check_safetensors_file(path)
     raw = load_file(path)
   elif path.endswith(TORCH_SUFFIXES):
+    _check_torch_file(path)
     raw = _pick_state_dict(_load_torch(path), path)
   else:
     raise ValueError(f'{path}: unknown weight file type; expected .safetensors or one of '

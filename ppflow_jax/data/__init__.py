@@ -11,6 +11,7 @@ from __future__ import annotations
 import grain
 import ml_collections
 
+from ppflow_jax import errors
 from ppflow_jax import vae
 from ppflow_jax.data import fashion_mnist
 from ppflow_jax.data import image_folder
@@ -20,6 +21,20 @@ from ppflow_jax.data import pipeline
 from ppflow_jax.data import transforms
 
 SOURCES = ('fashion_mnist', 'imagenet', 'image_folder', 'latents')
+# What config.data.path must name for the sources that cannot do without one.
+_PATH_NEEDED = {
+    'image_folder': 'an image folder (root/<class>/<images>)',
+    'latents': 'a latent directory written by `python -m ppflow_jax.data.extract`',
+}
+
+
+def check_path(config: ml_collections.ConfigDict) -> None:
+  """Raises UserFileError when config.data.source needs config.data.path and it is empty."""
+  d = config.data
+  if d.source in _PATH_NEEDED and not d.path:
+    raise errors.UserFileError(
+        f'config.data.path is empty but config.data.source={d.source!r} reads from it; set '
+        f'--config.data.path to {_PATH_NEEDED[d.source]}')
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, *, global_batch_size: int,
@@ -38,6 +53,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, *, global_batch_size:
     Iterator of {'x': float32 (B_local, H, W, C), 'y': int32 (B_local,)} with
     B_local = global_batch_size // process_count; `get_state()` / `set_state()` resume it.
   """
+  check_path(config)
   d = config.data
   transform = transforms.random_flip if d.flip else None
   if d.source == 'fashion_mnist':
@@ -62,6 +78,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, *, global_batch_size:
 
 def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """(H, W, C) of the model input produced from config.data (and config.vae for images)."""
+  check_path(config)
   d = config.data
   if d.source == 'fashion_mnist':
     return fashion_mnist.SHAPE

@@ -232,5 +232,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from ppflow_jax import cli  # pylint: disable=g-import-not-at-top
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main)

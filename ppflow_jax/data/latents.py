@@ -15,10 +15,11 @@ and returns z * config.vae.scaling_factor, the model input.
 from __future__ import annotations
 
 import json
-import os
 
 import grain
 import numpy as np
+
+from ppflow_jax import paths
 
 FORMAT = 'ppflow-latents-v1'
 META = 'meta.json'
@@ -49,12 +50,11 @@ def decode_record(record: bytes, moments_shape: tuple[int, ...]) -> tuple[int, i
 
 def read_meta(path: str) -> dict:
   """Reads and checks `path/meta.json` of a complete extraction."""
-  file = os.path.join(path, META)
-  if not os.path.exists(file):
+  file = paths.join(path, META)
+  if not paths.exists(file):
     raise FileNotFoundError(f'{file} not found: config.data.path must be a directory written by '
                             '`python -m ppflow_jax.data.extract --out=DIR`')
-  with open(file) as f:
-    meta = json.load(f)
+  meta = json.loads(paths.read_text(file))
   if meta.get('format') != FORMAT:
     raise ValueError(f'{file}: format {meta.get("format")!r}, expected {FORMAT!r}')
   if not meta.get('complete'):
@@ -69,8 +69,8 @@ class LatentSource:
   def __init__(self, path: str):
     self.meta = read_meta(path)
     n = self.meta['num_shards']
-    files = [os.path.join(path, shard_name(k, n)) for k in range(n)]
-    absent = [f for f in files if not os.path.exists(f)]
+    files = [paths.join(path, shard_name(k, n)) for k in range(n)]
+    absent = [f for f in files if not paths.exists(f)]
     if absent:
       raise FileNotFoundError(f'{path}: {len(absent)} latent shards missing, e.g. {absent[:3]}')
     self._records = grain.sources.ArrayRecordDataSource(files)

@@ -52,19 +52,34 @@ class TokenLayout(NamedTuple):
 def per_token(values: jax.Array, layout: TokenLayout | None) -> jax.Array:
   """values: (S, k) per sample -> broadcastable per-token values.
 
-  Unpacked (S == B): (S, 1, k). Packed: (R, L, k), each token getting its own sample's row;
-  built by broadcasting within each row's equal-length segments (no gather, cheap backward).
+  Unpacked (S == B): (S, 1, k). Packed: (R, L, k), each token getting its own sample's row. The
+  samples are first placed in their rows' slots, (R, P, k) with P the most samples a row holds
+  (small: one value per sample), then spread over each row's tokens by a static one-hot product
+  (R, L, P): both steps keep a row on the chip that holds it, where concatenating per-token
+  (R, L, k) arrays of different stages would move them across a batch-sharded mesh (and back in
+  the backward pass): the bulk of the XL train step's collectives (docs/tpu_aot.md).
   """
   if layout is None:
     return values[:, None, :]
+  slots = max(per_row for _, per_row, _, _ in layout.groups)
   out, start = [], 0
-  for rows, per_row, length, count in layout.groups:
-    v = values[start:start + count]
-    v = jnp.pad(v, ((0, rows * per_row - count), (0, 0))).reshape(rows, per_row, 1, -1)
-    out.append(jnp.broadcast_to(v, (rows, per_row, length, v.shape[-1]))
-               .reshape(rows, per_row * length, -1))
+  for rows, per_row, _, count in layout.groups:
+    v = jnp.pad(values[start:start + count], ((0, rows * per_row - count), (0, 0)))
+    out.append(jnp.pad(v.reshape(rows, per_row, -1), ((0, 0), (0, slots - per_row), (0, 0))))
     start += count
-  return jnp.concatenate(out)
+  onehot = jnp.asarray(_slot_onehot(layout.groups, slots), values.dtype)
+  return jnp.einsum('rlp,rpk->rlk', onehot, jnp.concatenate(out),
+                    precision=jax.lax.Precision.HIGHEST)  # exact: one 1.0 per token
+
+
+@functools.lru_cache(maxsize=None)
+def _slot_onehot(groups: tuple, slots: int) -> np.ndarray:
+  """(R, L, slots) float32: token t of a row whose samples have `length` tokens is slot t // length."""
+  blocks = []
+  for rows, per_row, length, _ in groups:
+    slot = np.arange(per_row * length) // length
+    blocks.append(np.broadcast_to(np.eye(slots, dtype=np.float32)[slot], (rows, per_row * length, slots)))
+  return np.concatenate(blocks)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:

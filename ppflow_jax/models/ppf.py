@@ -7,7 +7,8 @@ than one stage, a learned level-embedding row added to the conditioning vector
 values taken at each coarse token's top-left fine position. A one-stage model is exactly SiT.
 
 Token vectors are ordered (row-in-patch, col-in-patch, channel), channel innermost, as SiT's
-unpatchify (`nhwpqc`); the importers rely on this order.
+unpatchify (`nhwpqc`); the importers rely on this order. The blocks run unrolled or scanned, with
+optional remat (config.model.scan_blocks / remat, models/block_stack.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import ml_collections
 from flax import nnx
 
 from ppflow_jax import stages as stages_lib
+from ppflow_jax.models import block_stack
 from ppflow_jax.models import dit
 
 
@@ -59,8 +61,10 @@ class PPFModel(nnx.Module):
         nnx.Linear(s.patch_area * self.in_channels, d,
                    kernel_init=dit.logical(dit.xavier, (None, 'embed')), **linear)
         for s in self.schedule.stages])
-    self.blocks = nnx.List([
-        dit.DiTBlock(d, m.num_heads, m.mlp_ratio, impl=m.attention, **kw) for _ in range(m.depth)])
+    blocks = [dit.DiTBlock(d, m.num_heads, m.mlp_ratio, impl=m.attention, **kw)
+              for _ in range(m.depth)]
+    self.blocks = block_stack.stack_modules(blocks) if m.scan_blocks else nnx.List(blocks)
+    self.remat = m.remat
     self.final_modulation = dit.FinalModulation(d, **kw)
     self.final_linears = nnx.List([
         nnx.Linear(d, s.patch_area * self.out_channels,
@@ -91,9 +95,8 @@ class PPFModel(nnx.Module):
   def run_blocks(self, tokens: jax.Array, c: jax.Array,
                  layout: dit.TokenLayout | None = None) -> jax.Array:
     """tokens: (B, L, d); c: (S, d) per sample (S == B unless packed) -> (B, L, d)."""
-    for block in self.blocks:
-      tokens = block(tokens, c, layout)
-    return tokens
+    return block_stack.run(self.blocks, tokens, lambda block, x: block(x, c, layout),
+                           remat=self.remat)
 
   def unembed(self, tokens: jax.Array, c: jax.Array, stage: int) -> jax.Array:
     """tokens: (B, L_stage, d); c: (B, d) -> velocity (B, H, W, C) in float32 (sigma dropped)."""

@@ -58,11 +58,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
       then run per shard in `jax.shard_map`. None: the ambient mesh of `jax.set_mesh`, if any.
     interpret: run the Pallas kernels in interpret mode; None = only when the backend is CPU.
 
+  The backend is the platform of the mesh's devices (`mesh`, else the ambient one), so a program
+  compiled ahead of time for a TPU topology from a CPU host gets the Mosaic TPU kernels; without
+  a mesh it is the process default backend.
+
   Returns:
     (B, L, H, D) in q.dtype.
   """
   _check_inputs(q, k, v, segment_ids)
-  backend = _backend()
+  backend = _backend(mesh)
   chosen = select_impl(impl, backend=backend, segmented=segment_ids is not None, dtype=q.dtype,
                        seq_len=q.shape[1], head_dim=q.shape[3])
   if chosen == 'xla':  # plain XLA ops: the partitioner shards them like the rest of the model.
@@ -108,8 +112,14 @@ def select_impl(impl: str, *, backend: str, segmented: bool, dtype, seq_len: int
   return impl
 
 
-def _backend() -> str:
-  return jax.default_backend()
+def _backend(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) -> str:
+  """'cpu' | 'gpu' | 'tpu': the platform the program is compiled for (see `attention`)."""
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  if isinstance(mesh, jax.sharding.Mesh):
+    mesh = mesh.abstract_mesh
+  device = None if mesh.empty else mesh.abstract_device
+  platform = jax.default_backend() if device is None else device.platform
+  return 'gpu' if platform in ('cuda', 'rocm') else platform
 
 
 def _check_inputs(q, k, v, segment_ids) -> None:

@@ -1,0 +1,311 @@
+"""Ahead-of-time compilation for a TPU topology from any host: per-chip memory, FLOPs, collectives.
+
+  python -m ppflow_jax.aot --config=configs/ppf_xl_2.py --topology=v5p:4x4x2 \
+      [--batch=N] [--sample_batch=N] [--programs=train,sample] [--json] [--config.model.remat=full]
+
+With `libtpu` installed (requirements-test.txt) JAX describes any TPU topology without its chips
+(`jax.experimental.topologies`); the project's own `Trainer` train step and every sampler-stage
+program are then lowered for those devices on the config's mesh (`config.mesh`) and compiled by
+the real TPU compiler. Attention picks its kernels from the mesh's devices (ops/attention.py), so
+the programs carry the Mosaic TPU kernels that would run on the pod.
+
+Reported per program, per chip: the compiler's argument / output / aliased / temporary bytes and
+their peak against the chip's HBM, compiled FLOPs (XLA cost analysis) against `flops.py`'s
+analytic count, collectives by kind with their bytes (hlo.py), the Mosaic kernels, and the
+compile time on this host. XLA's cost analysis does not multiply loop bodies by their trip
+counts, so for programs with model loops (scanned blocks, sampler fori_loops) its FLOPs and bytes
+are not per call: the useful-FLOP fraction (analytic / compiled) and the memory term of the
+roofline are then left out (None). The roofline step time is an ESTIMATE: max(analytic FLOPs /
+peak bf16 FLOP/s, bytes accessed / HBM bandwidth) with the chips' published peaks (CHIPS). Exits
+with status 2 and one line when a program does not fit the chip's HBM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from ppflow_jax import config_lib
+from ppflow_jax import flops as flops_lib
+from ppflow_jax import hlo
+from ppflow_jax import sampling
+from ppflow_jax import sharding
+from ppflow_jax import train
+
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Published per-chip specs (cloud.google.com/tpu/docs/system-architecture-tpu-vm)."""
+  hbm_gib: float
+  peak_bf16_tflops: float
+  hbm_gbytes_per_s: float
+
+
+CHIPS = {
+    'v4': Chip(32, 275, 1228),
+    'v5e': Chip(16, 197, 819),
+    'v5p': Chip(95, 459, 2765),
+    'v6e': Chip(32, 918, 1640),
+}
+PROGRAMS = ('train', 'sample')
+
+
+class DoesNotFit(Exception):
+  """A program needs more HBM per chip than the chip has (the message is one line)."""
+
+
+# -- topology ------------------------------------------------------------------------------------
+
+
+def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
+  """'v5p:4x4x2' -> ('v5p', (4, 4, 2)); one clear error for anything else."""
+  m = re.fullmatch(r'(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})', name)
+  if not m:
+    raise ValueError(f'--topology={name!r} must look like v5e:4x4, v6e:4x4, v5p:4x4x2 or v4:2x2x4 '
+                     f'(chip generation one of {sorted(CHIPS)})')
+  return m.group(1), tuple(int(x) for x in m.group(2).split('x'))
+
+
+def topology_devices(name: str, num_slices: int = 1) -> list:
+  """TPU device descriptions of topology `name` (no chips needed; libtpu must be installed)."""
+  parse_topology(name)
+  # libtpu reads these when its plugin loads: no TPU VM metadata to query, and several compile-only
+  # processes may share one host.
+  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  kwargs = dict(num_slices=num_slices) if num_slices > 1 else {}
+  try:
+    return list(topologies.get_topology_desc(topology_name=name, platform='tpu', **kwargs).devices)
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuntimeError(f'cannot describe TPU topology {name!r} ({str(e).splitlines()[0]}); '
+                       'is libtpu installed (pip install -r requirements-test.txt)?') from e
+
+
+# -- one compiled program -----------------------------------------------------------------------
+
+
+def _sds(tree, shardings):
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      tree, shardings)
+
+
+def _measure(name: str, lower, chip: Chip, analytic: float, loops: bool,
+             hlo_dir: str | None = None) -> dict:
+  """Lowers and compiles, then reads memory, cost and HLO statistics (per chip)."""
+  t0, c0 = time.perf_counter(), time.process_time()
+  lowered = lower()
+  t1, c1 = time.perf_counter(), time.process_time()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    text = str(e)
+    if 'RESOURCE_EXHAUSTED' in text or 'Ran out of memory' in text:
+      raise DoesNotFit(f'{name}: the TPU compiler ran out of HBM '
+                       f'({text.strip().splitlines()[0][:300]})') from e
+    raise
+  t2, c2 = time.perf_counter(), time.process_time()
+  mem = compiled.memory_analysis()
+  memory = dict(argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
+                alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes,
+                generated_code=mem.generated_code_size_in_bytes)
+  # Donated (aliased) outputs reuse their argument buffers.
+  memory['peak'] = (memory['argument'] + memory['output'] - memory['alias'] + memory['temp']
+                    + memory['generated_code'])
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  text = compiled.as_text()
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    with open(os.path.join(hlo_dir, name.replace('/', '_') + '.hlo.txt'), 'w') as f:
+      f.write(text)
+  stats = hlo.analyze(text)
+  compiled_flops = float(cost.get('flops', 0.0))
+  bytes_accessed = float(cost.get('bytes accessed', 0.0))
+  compute_s = analytic / (chip.peak_bf16_tflops * 1e12)
+  memory_s = None if loops else bytes_accessed / (chip.hbm_gbytes_per_s * 1e9)
+  return dict(
+      # Wall seconds, and CPU seconds of this process (all threads): on a shared host the CPU
+      # seconds are the comparable measure.
+      program=name, lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2),
+      lower_cpu_s=round(c1 - c0, 2), compile_cpu_s=round(c2 - c1, 2),
+      memory_bytes=memory, peak_gib=memory['peak'] / GIB, hbm_gib=chip.hbm_gib,
+      fits=memory['peak'] <= chip.hbm_gib * GIB,
+      compiled_flops=compiled_flops, analytic_flops=analytic, cost_counts_loops_once=loops,
+      useful_flop_fraction=analytic / compiled_flops if compiled_flops and not loops else None,
+      bytes_accessed=bytes_accessed,
+      collectives={k: dict(count=v['count'], bytes=v['bytes'], gib=v['bytes'] / GIB)
+                   for k, v in stats.collectives.items()},
+      collective_gib=sum(v['bytes'] for v in stats.collectives.values()) / GIB,
+      mosaic_kernels=stats.mosaic_kernels, mosaic_calls=stats.mosaic_calls,
+      unknown_trip_counts=stats.unknown_trip_counts,
+      roofline_estimate=dict(compute_s=compute_s, memory_s=memory_s,
+                             step_s=max(compute_s, memory_s or 0.0),
+                             bound='compute' if memory_s is None or compute_s >= memory_s
+                             else 'memory'))
+
+
+def compile_train(trainer: train.Trainer, chip: Chip, chips: int, hlo_dir: str | None = None
+                  ) -> dict:
+  """The sharded train step (params, EMA, Adam state donated) at trainer's global batch."""
+  config = trainer.config
+  batch = config.train.batch_size
+  state = _sds(jax.eval_shape(trainer.init_state), trainer.state_sharding)
+  h, w, c = config.latent.height, config.latent.width, config.latent.channels
+  data = {'x': jax.ShapeDtypeStruct((batch, h, w, c), jnp.float32,
+                                    sharding=trainer.batch_sharding['x']),
+          'y': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=trainer.batch_sharding['y'])}
+  analytic = flops_lib.training_flops(config, batch)['flops_per_image'] * batch / chips
+  with jax.set_mesh(trainer.mesh):
+    return _measure('train', lambda: trainer.step.lower(state, data), chip, analytic,
+                    config.model.scan_blocks, hlo_dir)
+
+
+def compile_sampler(trainer: train.Trainer, chip: Chip, chips: int, batch: int,
+                    hlo_dir: str | None = None) -> list[dict]:
+  """Every sampler-segment program (one per stage, CFG included) on `batch` images."""
+  config, mesh = trainer.config, trainer.mesh
+  spec = sampling.SamplerSpec.from_config(config)
+  sampler = sampling.Sampler(trainer.graphdef, trainer.schedule, spec, config.model.num_classes)
+  params = _sds(jax.eval_shape(trainer.init_state).ema, trainer.state_sharding.params)
+  h, w, c = config.latent.height, config.latent.width, config.latent.channels
+  rows = sharding.batch_sharding(mesh, 1)
+  noise = jax.ShapeDtypeStruct((batch, h, w, c), jnp.float32,
+                               sharding=sharding.batch_sharding(mesh, 4))
+  labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
+  keys = jax.ShapeDtypeStruct((batch,), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                              sharding=rows)
+  per_step = 2 if spec.method == 'heun' else 1
+  out = []
+  for i, seg in enumerate(sampler.segments):
+    fwd = flops_lib.forward_flops(config, seg.stage)['flops']
+    passes = (2 if seg.guided else 1) * batch / chips
+    steps = seg.stop - seg.start
+    extra = seg.finish_pending + seg.begin_crossing
+    analytic = (per_step * steps + extra) * fwd * passes
+    name = f'sample/segment{i}_stage{seg.stage}'
+    with jax.set_mesh(mesh):
+      row = _measure(name, lambda seg=seg: sampler.lower(params, noise, labels, keys, seg,
+                                                         sharding.replicated(mesh)),
+                     chip, analytic, steps > 1 or config.model.scan_blocks, hlo_dir)
+    row.update(stage=seg.stage, tokens=trainer.schedule.num_tokens(seg.stage), steps=steps,
+               guided=seg.guided, batch=batch)
+    out.append(row)
+  return out
+
+
+def run(config: ml_collections.ConfigDict, topology: str, programs=PROGRAMS,
+        batch: int | None = None, sample_batch: int | None = None, num_slices: int = 1,
+        hlo_dir: str | None = None) -> dict:
+  """Compiles `programs` of `config` for `topology`; returns the report (see module docstring).
+
+  batch: global train batch (default config.train.batch_size); sample_batch: sampler batch
+  (default: the train batch); hlo_dir: also write each program's compiled HLO text there.
+  """
+  unknown = set(programs) - set(PROGRAMS)
+  if unknown:
+    raise ValueError(f'--programs: {sorted(unknown)} not among {list(PROGRAMS)}')
+  config = config_lib.resolve(config)
+  if batch:
+    config.train.batch_size = batch
+  generation, _ = parse_topology(topology)
+  chip = CHIPS[generation]
+  devices = topology_devices(topology, num_slices)
+  mesh = sharding.make_mesh(config, devices)
+  trainer = train.Trainer(config, mesh)
+  report = dict(topology=topology, num_slices=num_slices, chips=len(devices),
+                device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
+                model=dict(size=config.model.size, depth=config.model.depth,
+                           stages=[list(p) for p in config.schedule.patch_sizes],
+                           dtype=config.model.dtype, scan_blocks=config.model.scan_blocks,
+                           remat=config.model.remat, attention=config.model.attention),
+                batch=config.train.batch_size, chip=dataclasses.asdict(chip),
+                jax=jax.__version__, programs=[])
+  if 'train' in programs:
+    report['programs'].append(compile_train(trainer, chip, len(devices), hlo_dir))
+  if 'sample' in programs:
+    report['programs'] += compile_sampler(trainer, chip, len(devices),
+                                          sample_batch or config.train.batch_size, hlo_dir)
+  return report
+
+
+def check_fits(report: dict) -> None:
+  """Raises DoesNotFit (one line) naming the first program over the chip's HBM."""
+  for p in report['programs']:
+    if not p['fits']:
+      raise DoesNotFit(
+          f"{p['program']} needs {p['peak_gib']:.2f} GiB per chip, more than the "
+          f"{p['hbm_gib']:g} GiB of {report['device_kind']} ({report['topology']}, batch "
+          f"{report['batch']}, remat={report['model']['remat']}); try "
+          '--config.model.remat=full, --config.model.scan_blocks=True, a smaller --batch or more '
+          'fsdp (--config.mesh.fsdp)')
+
+
+def format_report(report: dict) -> str:
+  """A fixed-width table of `report` (what --json prints as JSON)."""
+  m = report['model']
+  lines = [f"{report['topology']} x{report['num_slices']} ({report['chips']} chips, "
+           f"{report['device_kind']}), mesh {report['mesh']}, batch {report['batch']}, "
+           f"{m['size']} stages {m['stages']} {m['dtype']} scan={m['scan_blocks']} "
+           f"remat={m['remat']}",
+           f"{'program':<24}{'peak GiB':>9}{'HBM':>5}{'fits':>5}{'temp GiB':>9}{'arg GiB':>8}"
+           f"{'TFLOP':>8}{'useful':>7}{'coll GiB':>9}{'mosaic':>7}{'compile s':>10}{'cpu s':>7}"
+           f"{'est. ms':>8}"]
+  for p in report['programs']:
+    mem = p['memory_bytes']
+    useful = p['useful_flop_fraction']
+    lines.append(
+        f"{p['program']:<24}{p['peak_gib']:>9.2f}{p['hbm_gib']:>5g}{'yes' if p['fits'] else 'NO':>5}"
+        f"{mem['temp'] / GIB:>9.2f}{mem['argument'] / GIB:>8.2f}{p['analytic_flops'] / 1e12:>8.3f}"
+        f"{'-' if useful is None else f'{useful:.2f}':>7}{p['collective_gib']:>9.3f}"
+        f"{p['mosaic_kernels']:>7}{p['lower_s'] + p['compile_s']:>10.1f}"
+        f"{p['lower_cpu_s'] + p['compile_cpu_s']:>7.0f}"
+        f"{p['roofline_estimate']['step_s'] * 1e3:>8.1f}")
+    for kind, c in p['collectives'].items():
+      lines.append(f"    {kind:<20}{c['count']:>8.0f} x  {c['gib']:.3f} GiB")
+  lines.append('TFLOP: analytic per chip per call; useful: analytic / compiled FLOPs (programs '
+               'without model loops); compile s: wall (cpu s: CPU) to lower and compile on this '
+               'host; est. ms: roofline ESTIMATE (see module docstring).')
+  return '\n'.join(lines)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  f = flags.FLAGS
+  try:
+    report = run(f.config, f.topology, tuple(f.programs), f.batch or None, f.sample_batch or None,
+                 f.num_slices, f.hlo_dir or None)
+    print(json.dumps(report, indent=1) if f.json else format_report(report))
+    check_fits(report)
+  except DoesNotFit as e:
+    print(f'does not fit: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile only: never claim this host's chips.
+  # Flags are defined only when run as a script (main.py defines its own --config).
+  config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).', lock_config=True)
+  flags.DEFINE_string('topology', 'v5e:2x2', 'TPU topology, e.g. v5e:4x4, v5p:4x4x2.')
+  flags.DEFINE_integer('num_slices', 1, 'Slices of that topology (multi-slice).')
+  flags.DEFINE_integer('batch', 0, 'Global train batch (0: config.train.batch_size).')
+  flags.DEFINE_integer('sample_batch', 0, 'Sampler batch (0: the train batch).')
+  flags.DEFINE_list('programs', list(PROGRAMS), 'Which programs to compile.')
+  flags.DEFINE_bool('json', False, 'Print the report as JSON.')
+  flags.DEFINE_string('hlo_dir', '', 'Also write each compiled program as HLO text there.')
+  flags.mark_flags_as_required(['config'])
+  app.run(main)

@@ -1,0 +1,114 @@
+"""The TPU AOT benchmark behind docs/tpu_aot.md: compile rows with ppflow_jax.aot, keep their JSON.
+
+  python -m ppflow_jax.bench.aot --rows=xl2_v5e16_b256_unrolled,xl2_v5e16_b256_scan_full
+  python -m ppflow_jax.bench.aot --markdown       # the docs tables from docs/tpu_aot/*.json
+
+Each row is one `python -m ppflow_jax.aot` run (bf16 compute, parameters and optimizer state
+fully sharded: mesh data=1, fsdp=all chips) whose JSON report, plus the exact command, lands in
+docs/tpu_aot/<row>.json. Compile times are measured, not asserted: the wall and CPU seconds of the
+TPU compiler on the host that ran the row (the JSON says which). A row that does not fit is
+recorded with the compiler's verdict. Rows run one process each, so their compile times do not
+share caches.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import subprocess
+import sys
+
+from absl import app
+from absl import flags
+
+OUT = os.path.join(os.path.dirname(__file__), '..', '..', 'docs', 'tpu_aot')
+CONFIGS = {'sit_xl_2': 'configs/sit_xl_2.py', 'ppf_xl_2': 'configs/ppf_xl_2.py',
+           'ppf_xl_3': 'configs/ppf_xl_3.py'}
+TOPOLOGIES = {'v5e16': 'v5e:4x4', 'v5e64': 'v5e:8x8', 'v5p32': 'v5p:2x4x2', 'v5p128': 'v5p:4x4x4',
+              'v6e16': 'v6e:4x4', 'v432': 'v4:2x2x4'}
+REMAT = {'unrolled': ('False', 'none'), 'scan_none': ('True', 'none'),
+         'scan_dots': ('True', 'dots'), 'scan_full': ('True', 'full')}
+
+
+def row_command(name: str) -> list[str]:
+  """'<model>_<topology>_b<batch>_<layout>[_s]' -> the aot command line (`_s`: sampler too).
+
+  e.g. ppf_xl_2_v5e16_b256_scan_full = PPF-XL-2, v5e:4x4, global batch 256, scanned blocks with
+  full remat, train step only.
+  """
+  parts = name.split('_')
+  sample = parts[-1] == 's'
+  parts = parts[:-1] if sample else parts
+  layout = '_'.join(parts[-2:]) if parts[-2] == 'scan' else parts[-1]
+  rest = parts[:-2] if parts[-2] == 'scan' else parts[:-1]
+  model, topology, batch = '_'.join(rest[:-2]), rest[-2], rest[-1]
+  if model not in CONFIGS or topology not in TOPOLOGIES or layout not in REMAT or batch[0] != 'b':
+    raise ValueError(f'row {name!r} must be <{"|".join(CONFIGS)}>_<{"|".join(TOPOLOGIES)}>_b<N>_'
+                     f'<{"|".join(REMAT)}>[_s]')
+  scan, remat = REMAT[layout]
+  return [sys.executable, '-m', 'ppflow_jax.aot', f'--config={CONFIGS[model]}',
+          f'--topology={TOPOLOGIES[topology]}', f'--batch={batch[1:]}',
+          f'--programs={"train,sample" if sample else "train"}', '--json',
+          '--config.model.dtype=bfloat16', '--config.mesh.data=1', '--config.mesh.fsdp=-1',
+          f'--config.model.scan_blocks={scan}', f'--config.model.remat={remat}']
+
+
+def run_row(name: str) -> dict:
+  cmd = row_command(name)
+  proc = subprocess.run(cmd, capture_output=True, text=True,
+                        cwd=os.path.join(os.path.dirname(__file__), '..', '..'),
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  result = dict(row=name, command=' '.join(['python'] + cmd[1:]), host=platform.node(),
+                host_cpus=os.cpu_count(), returncode=proc.returncode)
+  if proc.returncode == 0 or proc.stdout.strip().startswith('{'):
+    result['report'] = json.loads(proc.stdout)
+  if proc.returncode:
+    result['error'] = (proc.stderr.strip().splitlines() or ['?'])[-1]
+  return result
+
+
+def markdown(results: list[dict]) -> str:
+  """One table row per train program, one per sampler program."""
+  head = ('| row | chips | batch | remat | scan | peak GiB/chip | HBM | fits | useful FLOP | '
+          'collectives GiB/chip | Mosaic | compile s (CPU s) | roofline est. ms |\n' + '|---' * 13
+          + '|')
+  lines = [head]
+  for r in sorted(results, key=lambda r: r['row']):
+    rep = r.get('report')
+    if rep is None:
+      lines.append(f"| {r['row']} | | | | | | | no: {r.get('error', '')[:120]} | | | | | |")
+      continue
+    for p in rep['programs']:
+      useful = p['useful_flop_fraction']
+      lines.append(
+          f"| {r['row']} {p['program']} | {rep['chips']} | {p.get('batch', rep['batch'])} | "
+          f"{rep['model']['remat']} | {rep['model']['scan_blocks']} | {p['peak_gib']:.2f} | "
+          f"{p['hbm_gib']:g} | {'yes' if p['fits'] else 'no'} | "
+          f"{'-' if useful is None else f'{useful:.2f}'} | {p['collective_gib']:.2f} | "
+          f"{p['mosaic_kernels']} | {p['lower_s'] + p['compile_s']:.0f} "
+          f"({p['lower_cpu_s'] + p['compile_cpu_s']:.0f}) | "
+          f"{p['roofline_estimate']['step_s'] * 1e3:.0f} ({p['roofline_estimate']['bound']}) |")
+  return '\n'.join(lines)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  f = flags.FLAGS
+  os.makedirs(OUT, exist_ok=True)
+  for name in f.rows:
+    result = run_row(name)
+    with open(os.path.join(OUT, f'{name}.json'), 'w') as fh:
+      json.dump(result, fh, indent=1)
+    print(name, 'ok' if result['returncode'] == 0 else result.get('error'), flush=True)
+  if f.markdown:
+    results = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(OUT, '*.json')))]
+    print(markdown(results))
+
+
+if __name__ == '__main__':
+  flags.DEFINE_list('rows', [], 'Rows to compile (see row_command for the naming).')
+  flags.DEFINE_bool('markdown', False, 'Print the docs tables from docs/tpu_aot/*.json.')
+  app.run(main)

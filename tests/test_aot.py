@@ -1,0 +1,159 @@
+"""Ahead-of-time TPU compilation from this CPU (aot.py, hlo.py): a tiny PPF-2 on v5e:2x2.
+
+The compile runs once per module (about a minute on 2 cores): the train step with scanned,
+rematerialised blocks, and the two sampler-stage programs, for 4 TPU v5e chips described by
+libtpu (requirements-test.txt); no TPU is needed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import pytest
+from conftest import tiny_config
+
+from ppflow_jax import aot
+from ppflow_jax import hlo
+
+pytest.importorskip('libtpu')
+
+
+def report_config():
+  config = tiny_config(2, hw=32, channels=1)   # stage tokens: 64 (4x4 patches) and 256 (2x2)
+  config.model.update(scan_blocks=True, remat='full', dtype='bfloat16')
+  config.mesh.update(data=1, fsdp=-1)          # parameters and optimizer state over 4 chips
+  config.sample.update(method='euler', num_steps=4)
+  return config
+
+
+@pytest.fixture(scope='module')
+def report():
+  return aot.run(report_config(), 'v5e:2x2', batch=8, sample_batch=8)
+
+
+def test_programs_use_mosaic_splash_from_128_tokens(report):
+  by_name = {p['program']: p for p in report['programs']}
+  assert report['device_kind'] == 'TPU v5 lite' and report['chips'] == 4
+  assert set(by_name) == {'train', 'sample/segment0_stage0', 'sample/segment1_stage1'}
+  # Training packs every stage into 256-token rows: splash forward, dq and dkv in the block loop.
+  assert by_name['train']['mosaic_kernels'] >= 3
+  assert by_name['train']['mosaic_calls'] >= 3 * 2   # executed once per block (depth 2)
+  assert by_name['sample/segment1_stage1']['tokens'] == 256
+  assert by_name['sample/segment1_stage1']['mosaic_kernels'] >= 1
+  assert by_name['sample/segment0_stage0']['tokens'] == 64
+  assert by_name['sample/segment0_stage0']['mosaic_kernels'] == 0   # 'auto' keeps XLA below 128
+
+
+def test_params_and_optimizer_state_are_sharded(report):
+  train = next(p for p in report['programs'] if p['program'] == 'train')
+  trainer = aot.train.Trainer(report_config(), aot.sharding.make_mesh(
+      report_config(), aot.topology_devices('v5e:2x2')))
+  state = jax.eval_shape(trainer.init_state)
+  specs = trainer.state_sharding.opt_state[0].mu['blocks']['attn']['qkv']['kernel'].spec
+  assert 'fsdp' in tuple(specs)   # Adam moments follow the (stacked) parameter's sharding
+  nbytes = lambda shape, dtype: math.prod(shape) * dtype.itemsize
+  full = sum(nbytes(s.shape, s.dtype) for s in jax.tree.leaves(state))
+  per_chip = sum(nbytes(sh.shard_shape(s.shape), s.dtype) for s, sh in
+                 zip(jax.tree.leaves(state), jax.tree.leaves(trainer.state_sharding)))
+  assert per_chip < 0.6 * full   # what fsdp=4 leaves on each chip (biases stay replicated)
+  # The compiled program's arguments per chip (TPU tiles pad small leaves) stay well below the
+  # replicated state, which every chip would hold without fsdp.
+  assert per_chip < train['memory_bytes']['argument'] < 0.6 * full
+  assert 'all-gather' in train['collectives']   # fsdp gathers the weights it uses
+  assert report['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1}
+
+
+def test_memory_and_cost_fields_are_sane(report):
+  for p in report['programs']:
+    mem = p['memory_bytes']
+    assert all(v >= 0 for v in mem.values()), p['program']
+    assert mem['argument'] > 0 and mem['output'] > 0, (p['program'], mem)
+    assert mem['peak'] >= mem['argument'] + mem['temp']
+    assert p['fits'] and 0 < p['peak_gib'] < p['hbm_gib'] == 16
+    assert p['compiled_flops'] > 0 and p['analytic_flops'] > 0
+    # scanned blocks / sampler loops: XLA counts loop bodies once, so no fraction is claimed
+    assert p['cost_counts_loops_once'] and p['useful_flop_fraction'] is None
+    assert p['lower_s'] > 0 and p['compile_s'] > 0
+    assert p['unknown_trip_counts'] == 0
+  train = report['programs'][0]
+  assert train['memory_bytes']['alias'] > 0 and train['memory_bytes']['temp'] > 0  # donated state
+  assert 'train' in aot.format_report(report)
+
+
+def test_does_not_fit_is_one_line(report):
+  shrunk = dict(report, programs=[dict(p, fits=False) for p in report['programs']])
+  with pytest.raises(aot.DoesNotFit) as e:
+    aot.check_fits(shrunk)
+  assert '\n' not in str(e.value) and 'needs' in str(e.value) and 'remat' in str(e.value)
+
+
+def test_topology_names_are_checked():
+  assert aot.parse_topology('v5p:4x4x2') == ('v5p', (4, 4, 2))
+  with pytest.raises(ValueError, match='--topology=.v5x:2x2. must look like'):
+    aot.parse_topology('v5x:2x2')
+
+
+HLO = """HloModule m
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %c = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = f32[8]{0} all-gather(%x), dimensions={0}
+  %k = (f32[8]{0}, f32[8]{0}) custom-call(%ag), custom_call_target="tpu_custom_call", backend_config="x
+}"
+  ROOT %t = (s32[], f32[8]) tuple(%i, %ag)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body
+  %ars = f32[4]{0} all-reduce-start(%a), to_apply=%add
+  %ar = f32[4]{0} all-reduce-done(%ars)
+  ROOT %r = f32[8] get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_hlo_counts_loop_bodies_by_trip_count():
+  stats = hlo.analyze(HLO)
+  assert stats.collectives == {'all-gather': {'count': 5.0, 'bytes': 5 * 32.0},
+                               'all-reduce': {'count': 1.0, 'bytes': 16.0}}
+  assert (stats.mosaic_kernels, stats.mosaic_calls, stats.unknown_trip_counts) == (1, 5, 0)
+
+
+def test_logical_axis_rules_come_from_the_config():
+  """config.mesh.rules re-shards parameters without code changes (here on 4 TPU chips)."""
+  config = report_config()
+  config.mesh.update(fsdp=2, tensor=2)
+  devices = aot.topology_devices('v5e:2x2')
+  fc1 = lambda c: aot.train.Trainer(c, aot.sharding.make_mesh(c, devices)).state_sharding.params[
+      'blocks']['mlp']['fc1']['kernel'].spec
+  assert tuple(fc1(config)) == (None, 'fsdp', 'tensor')        # (layers, embed, mlp)
+  config.mesh.rules = tuple(r for r in config.mesh.rules if r[0] != 'mlp') + (('mlp', None),)
+  assert tuple(fc1(config)) == (None, 'fsdp', None)
+
+
+def test_benchmark_rows_and_markdown(report):
+  from ppflow_jax.bench import aot as bench_aot  # pylint: disable=g-import-not-at-top
+  cmd = bench_aot.row_command('ppf_xl_2_v5e16_b256_scan_full')
+  assert '--topology=v5e:4x4' in cmd and '--batch=256' in cmd and '--config.model.remat=full' in cmd
+  assert '--programs=train,sample' in bench_aot.row_command('sit_xl_2_v5p32_b1024_unrolled_s')
+  with pytest.raises(ValueError, match='must be'):
+    bench_aot.row_command('ppf_xl_9_v5e16_b256_unrolled')
+  table = bench_aot.markdown([dict(row='tiny', report=report), dict(row='big', error='x')])
+  assert table.count('\n| tiny ') == 3 and '| big |' in table
+
+
+def test_multi_slice_mesh_puts_data_across_slices():
+  config = report_config()
+  devices = aot.topology_devices('v5e:2x2', num_slices=2)
+  config.mesh.update(data=2, fsdp=-1)
+  mesh = aot.sharding.make_mesh(config, devices)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  assert [{d.slice_index for d in row.flat} for row in mesh.devices] == [{0}, {1}]
+  config.mesh.update(data=1, fsdp=-1)
+  with pytest.raises(ValueError, match='must be a multiple of the 2 slices'):
+    aot.sharding.make_mesh(config, devices)
