@@ -127,13 +127,14 @@ def run(workdir: str, steps: int = 0, num_samples: int = 1000, timing_repeats: i
                train_seconds=round(train_s, 1), final_loss=last_loss(vdir),
                evaluations=sum(sampling.num_evaluations(trainer.schedule, sampler.spec)))
     labels = np.arange(num_samples, dtype=np.int32) % config.model.num_classes
-    seconds = ()
+    timings = ()
     if not sampler.spec.force_finest:  # a speed reference only (2x2 untrained at t <= 0.5)
-      images, seconds = report.sample_in_chunks(sampler, state.ema, config, labels, config.seed)
+      images, timings = report.sample_in_chunks(sampler, state.ema, config, labels, config.seed)
       if evaluator is not None:
         row.update(evaluator.score(np.clip(images, -1.0, 1.0), labels))
-    row['sample_batch_seconds'] = float(np.median(report.steady_seconds(
-        sampler, state.ema, config, labels, seconds, timing_repeats)))
+    steady = report.steady_timings(sampler, state.ema, config, labels, timings, timing_repeats)
+    row['sample_batch_seconds'] = float(np.median([t.seconds for t in steady]))
+    row['ms_per_evaluation'] = report.ms_per_evaluation(sampler, steady)
     row['images_per_second'] = config.sample.batch_size / row['sample_batch_seconds']
     logging.info('compare: %s', row)
     rows.append(row)

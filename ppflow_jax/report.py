@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -80,33 +79,44 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 
 def sample_in_chunks(sampler: sampling.Sampler, params, config: ml_collections.ConfigDict,
-                     labels: np.ndarray, seed: int) -> tuple[np.ndarray, list[float]]:
+                     labels: np.ndarray, seed: int) -> tuple[np.ndarray, list[sampling.Timing]]:
   """Samples latents for `labels` in chunks of config.sample.batch_size.
 
-  Returns (samples (N, H, W, C), seconds per chunk). The first chunk compiles the stage programs;
-  callers timing the sampler use the later chunks (see `steady_seconds`).
+  Returns (samples (N, H, W, C), the Timing of each chunk). The first chunk compiles the stage
+  programs; callers timing the sampler use the later chunks (see `steady_timings`).
   """
   noise, keys = initial_noise(config, len(labels), seed)
-  out, seconds, bs = [], [], config.sample.batch_size
+  out, timings, bs = [], [], config.sample.batch_size
   for i in range(0, len(labels), bs):
-    t0 = time.perf_counter()
-    x = sampler.sample(params, noise[i:i + bs], jnp.asarray(labels[i:i + bs]), keys[i:i + bs])
-    out.append(to_host(jax.block_until_ready(x)))
-    seconds.append(time.perf_counter() - t0)
-  return np.concatenate(out), seconds
+    x, timing = sampling.timed_sample(sampler, params, noise[i:i + bs],
+                                      jnp.asarray(labels[i:i + bs]), keys[i:i + bs])
+    out.append(to_host(x))
+    timings.append(timing)
+  return np.concatenate(out), timings
 
 
-def steady_seconds(sampler, params, config, labels: np.ndarray, seconds=(),
-                   repeats: int = 3) -> list[float]:
-  """Per-batch times without compilation: the full chunks after the first of `seconds`, topped
+def steady_timings(sampler, params, config, labels: np.ndarray, timings=(),
+                   repeats: int = 3) -> list[sampling.Timing]:
+  """Per-batch timings without compilation: the full chunks after the first of `timings`, topped
   up with fresh timed batches (after an untimed compile run if nothing ran yet)."""
   bs = config.sample.batch_size
-  steady = list(seconds[1:len(labels) // bs])
-  if not seconds:
+  steady = list(timings[1:len(labels) // bs])
+  if not timings:
     sample_in_chunks(sampler, params, config, labels[:bs], 0)
   while len(steady) < repeats:
     steady.append(sample_in_chunks(sampler, params, config, labels[:bs], 0)[1][0])
   return steady
+
+
+def ms_per_evaluation(sampler: sampling.Sampler, steady: list[sampling.Timing]) -> list[dict]:
+  """Median milliseconds per model evaluation of each (patch, passes) group of a run."""
+  rows = []
+  for (stage, guided), n in sorted(sampling.evaluations_by_group(sampler.schedule,
+                                                                 sampler.spec).items()):
+    rows.append(dict(stage=stage, patch=list(sampler.schedule.stages[stage].patch),
+                     passes=2 if guided else 1, evaluations=n,
+                     ms=float(np.median([1e3 * t.groups[stage, guided] / n for t in steady]))))
+  return rows
 
 
 def generate(trainer, params, config: ml_collections.ConfigDict, labels: np.ndarray, seed: int,
@@ -186,10 +196,13 @@ def final_report(trainer, state, config: ml_collections.ConfigDict, workdir: str
   images = {}
   for name, overrides in (('ppf', {}), ('finest', {'force_finest': True})):
     sampler = make_sampler(trainer, config, **overrides)
-    latents, seconds = sample_in_chunks(sampler, state.ema, config, labels, config.seed)
-    steady = steady_seconds(sampler, state.ema, config, labels, seconds)
-    result[f'{name}_batch_seconds'] = float(np.median(steady))
-    result[f'{name}_batch_seconds_range'] = [float(min(steady)), float(max(steady))]
+    latents, timings = sample_in_chunks(sampler, state.ema, config, labels, config.seed)
+    steady = steady_timings(sampler, state.ema, config, labels, timings)
+    seconds = [t.seconds for t in steady]
+    result[f'{name}_batch_seconds'] = float(np.median(seconds))
+    result[f'{name}_batch_seconds_range'] = [float(min(seconds)), float(max(seconds))]
+    result[f'{name}_ms_per_evaluation'] = ms_per_evaluation(sampler, steady)
+    result[f'{name}_forward_passes'] = sum(sampling.forward_passes(sampler.schedule, sampler.spec))
     images[name] = np.clip(np.asarray(decode(config, latents, vae)), -1.0, 1.0)
     suffix = '' if name == 'ppf' else '_finest'
     save_grid(to_uint8(images[name][:config.sample.num_images]),
@@ -199,7 +212,9 @@ def final_report(trainer, state, config: ml_collections.ConfigDict, workdir: str
       sampler=f'{spec.method}, {spec.num_steps} grid points, CFG {list(config.schedule.cfg_scales)}'
               f' on {spec.cfg_channels} channels',
       measured_speedup=result['finest_batch_seconds'] / result['ppf_batch_seconds'],
-      flops_ratio=float(flops.testing_flops_ratio(config, spec)))
+      # Both rows timed with CFG as they run it, so the bound counts their guidance passes too.
+      flops_ratio=float(flops.testing_flops_ratio(config, spec, cfg=True)),
+      flops_ratio_without_cfg=float(flops.testing_flops_ratio(config, spec)))
   result['flops_speedup_bound'] = 1.0 / result['flops_ratio']
   if evaluator is not None:
     for name, x in images.items():
@@ -212,19 +227,33 @@ def final_report(trainer, state, config: ml_collections.ConfigDict, workdir: str
   return result
 
 
+def _ms_per_evaluation_line(groups: list[dict]) -> str:
+  return ', '.join(f"{'x'.join(map(str, g['patch']))} {'with' if g['passes'] == 2 else 'without'} "
+                   f"guidance pass: {g['ms']:.1f} ms x {g['evaluations']}" for g in groups)
+
+
 def report_markdown(r: dict) -> str:
   def row(name, label, speedup, flops_pct):
     lo, hi = r[f'{name}_batch_seconds_range']
     return (f'| {label} | {r[f"{name}_batch_seconds"]:.2f} ({lo:.2f}-{hi:.2f}) | {speedup} | '
-            f'{flops_pct} | {r.get(f"fid_{name}", float("nan")):.2f} |')
+            f'{r[f"{name}_forward_passes"]} | {flops_pct} | '
+            f'{r.get(f"fid_{name}", float("nan")):.2f} |')
   return '\n'.join([
       f'# Run report (step {r["steps"]}, {r["device"]})', '',
-      f'Sampler: {r["sampler"]}. Same noise and labels for both rows; seconds per batch of '
-      f'{r["batch_size"]}, median (min-max) over batches after the first (compilation excluded); '
-      f'FID over {r["num_images"]} samples under the Fashion-MNIST feature network.', '',
-      '| sampling | s / batch | speed-up | testing FLOPs | FID |', '|---|---|---|---|---|',
+      f'Sampler: {r["sampler"]}. Same noise and labels for both rows, and the same passes at every '
+      'time (the unconditional pass is skipped where the CFG scale is 1.0, in both rows); seconds '
+      f'per batch of {r["batch_size"]}, median (min-max) over batches after the first '
+      f'(compilation excluded); FID over {r["num_images"]} samples under the Fashion-MNIST '
+      'feature network.', '',
+      '| sampling | s / batch | speed-up | forward passes | testing FLOPs (with CFG as run) | FID |',
+      '|---|---|---|---|---|---|',
       row('ppf', 'PPF (stage schedule)', f'{r["measured_speedup"]:.2f}x',
           f'{100 * r["flops_ratio"]:.1f}%'),
       row('finest', 'same weights, finest patch only', '1.00x', '100%'), '',
-      f'FLOPs bound on the speed-up: {r["flops_speedup_bound"]:.2f}x.', '',
+      f'FLOPs bound on the speed-up: {r["flops_speedup_bound"]:.2f}x (CFG passes counted as run; '
+      f'{100 * r["flops_ratio_without_cfg"]:.1f}% of the FLOPs without them, the paper\'s '
+      'convention).', '',
+      'Milliseconds per model evaluation (median per batch): PPF '
+      f'{_ms_per_evaluation_line(r["ppf_ms_per_evaluation"])}; finest only '
+      f'{_ms_per_evaluation_line(r["finest_ms_per_evaluation"])}.', '',
       '![samples](samples.png) ![loss](loss.png)', ''])
