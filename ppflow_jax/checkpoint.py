@@ -69,6 +69,10 @@ class CorruptCheckpointError(RuntimeError):
   """No checkpoint in the directory could be read back intact."""
 
 
+class CheckpointWriteError(RuntimeError):
+  """A save failed (disk full, read-only, bucket error); the last complete step is kept."""
+
+
 # -- small helpers ----------------------------------------------------------------------------
 
 
@@ -80,9 +84,14 @@ def _say(message: str, warn: bool = False) -> None:
 
 
 def _short(e: BaseException) -> str:
-  """The first line of an exception (orbax/tensorstore append pages of specs)."""
-  text = str(e).strip().split('\n')[0]
-  return f'{type(e).__name__}: {text[:300]}'
+  """The first line of an exception's root cause (orbax wraps tensorstore's message, which names
+  the array and the file, in one that prints a pybind method and pages of specs)."""
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  text = (str(e).strip() or repr(e)).split('\n')[0]
+  if len(text) > 300:  # tensorstore puts the OS's reason ("File too large") last.
+    text = f'{text[:160]} ... {text[-140:]}'
+  return f'{type(e).__name__}: {text}'
 
 
 def _key(k) -> str:
@@ -227,16 +236,25 @@ class _Corrupt(Exception):
 class Checkpointer:
   """Saves/restores `TrainState` + data-iterator state in `workdir/checkpoints`.
 
-  The loop calls `restore_or_init(data_iter)` once, then per step `should_save`,
+  The loop calls `restore_or_init(data_iter)` once, then per step `check_saves`, `should_save`,
   `reached_preemption`, `maybe_save`, and `save(..., force=True)` at the end, then `close()`.
+  A failed save raises `CheckpointWriteError` at the first of those calls after it failed
+  (`check_saves` does not wait for a save in progress), naming the last complete step, which
+  stays the latest on disk. With a `lease` (lease.RunLease), every save first checks that this
+  run still holds the workdir.
   """
 
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict, trainer: Trainer):
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, trainer: Trainer,
+               lease=None):
     self.workdir = paths.absolute(workdir, 'workdir')
     self.directory = paths.join(self.workdir, CHECKPOINTS)
     self.config = config
     self.trainer = trainer
     self.every = config.checkpoint.every_steps
+    self.lease = lease
+    self.last_good: int | None = None   # the latest step known complete on disk
+    self._pending: int | None = None    # a save whose outcome is not known yet
+    self._failed = False
     self._config_json = config_json(config)
     self._report_unfinished_writes()
     self.manager = ocp.CheckpointManager(
@@ -284,6 +302,7 @@ class Checkpointer:
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     if not steps:
+      self._refuse_if_all_quarantined()
       return self._initial_state()
     expected = abstract_state(self.trainer)
     problems = []
@@ -298,11 +317,26 @@ class Checkpointer:
         self._quarantine(step)
         continue
       _say(f'resuming from step {step} ({paths.join(self.directory, str(step))})')
+      self.last_good = step
       return state
     raise CorruptCheckpointError(
-        f'no checkpoint in {self.directory} could be restored:\n  ' + '\n  '.join(problems) +
-        f'\nThey were moved to {paths.join(self.workdir, CORRUPT)}; rerun to start from '
-        'scratch (or from config.train.init_from).')
+        f'no checkpoint in {self.directory} could be restored ({"; ".join(problems)}); '
+        + self._quarantine_advice(steps[0]))
+
+  def _quarantine_advice(self, step) -> str:
+    corrupt = paths.join(self.workdir, CORRUPT)
+    return (f'all were moved to {corrupt}/. To retry one after fixing it: mv {corrupt}/{step} '
+            f'{self.directory}/{step}; to start from scratch instead: rm -r {corrupt} and rerun.')
+
+  def _refuse_if_all_quarantined(self) -> None:
+    """A workdir whose every step was quarantined must not silently restart from step 0."""
+    corrupt = paths.join(self.workdir, CORRUPT)
+    names = [p.name for p in paths.as_path(corrupt).iterdir()] if paths.isdir(corrupt) else []
+    steps = sorted(int(n.split('-')[0]) for n in names if n.split('-')[0].isdigit())
+    if steps:
+      raise CorruptCheckpointError(
+          f'{self.directory} holds no checkpoint but an earlier run quarantined steps '
+          f'{", ".join(map(str, steps))}; ' + self._quarantine_advice(steps[-1]))
 
   def _restore_step(self, step: int, expected: dict, data_iter) -> TrainState:
     where = f'checkpoint step {step} in {self.directory}'
@@ -380,18 +414,46 @@ class Checkpointer:
   def maybe_save(self, step: int, state: TrainState, data_iter) -> None:
     self.save(step, state, data_iter, force=False)
 
+  def check_saves(self) -> None:
+    """Raises CheckpointWriteError if the last save has failed; never waits for one in flight."""
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self._settle()
+
+  def _settle(self) -> None:
+    """Waits for the pending save and records its outcome (raises if it failed)."""
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._fail(step, e)
+    self.last_good = step
+
+  def _fail(self, step: int, e: BaseException):
+    self._failed = True
+    last = 'none (no step was completed)' if self.last_good is None else self.last_good
+    raise CheckpointWriteError(f'checkpoint step {step} could not be written: {_short(e)}; '
+                               f'the last good step is {last}') from e
+
   def save(self, step: int, state: TrainState, data_iter, force: bool = False) -> None:
     """Saves (asynchronously if config.checkpoint.async_save) on the interval, or always if
     `force`; a step that is already saved is skipped. The caller has checked finiteness."""
     if step in self.manager.all_steps() or not (force or self.should_save(step)):
       return
+    if self.lease is not None:
+      self.lease.check()
+    if self._pending is not None:
+      self._settle()
     tree = state_dict(state)
     items = dict(state=ocp.args.StandardSave(tree),
                  config=ocp.args.JsonSave(self._config_json),
                  checksum=ocp.args.JsonSave(checksums(tree)))
     if data_iter is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iter)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._fail(step, e)
+    self._pending = step
     logging.info('checkpoint step %d -> %s', step, self.directory)
 
   def __enter__(self) -> Checkpointer:
@@ -401,12 +463,20 @@ class Checkpointer:
     self.close()
 
   def close(self) -> None:
-    """Waits for the last async save and restores the previous SIGTERM handler."""
-    self.manager.wait_until_finished()
-    self.manager.close()
-    if self._previous_handler is not None:
-      signal.signal(signal.SIGTERM, self._previous_handler)
-      self._previous_handler = None
+    """Waits for the last async save (raising CheckpointWriteError if it failed) and restores
+    the previous SIGTERM handler."""
+    try:
+      if self._pending is not None and not self._failed:
+        self._settle()
+    finally:
+      if self._previous_handler is not None:
+        signal.signal(signal.SIGTERM, self._previous_handler)
+        self._previous_handler = None
+      try:
+        self.manager.close()
+      except Exception:  # pylint: disable=broad-except
+        if not self._failed:  # Otherwise it re-raises the failure already reported.
+          raise
 
 
 def _read_step_metadata(manager: ocp.CheckpointManager, step: int):

@@ -135,6 +135,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=5000, max_to_keep=3, async_save=True,
       allow_model_mismatch=False,  # refuse a checkpoint whose model fields differ from the config.
+      lease_expiry_s=600.0,   # a run lease not refreshed for this long is stale (lease.py).
   ))
 
   # Device mesh (-1: all remaining devices) and the logical-axis -> mesh-axis rules of params and
@@ -146,6 +147,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       num_samples=50_000, labels='uniform',  # 'uniform' (ADM/DiT) | 'balanced' (50 per class).
       reference_batch='', inception_weights='', out_dir='',
+      # ADM-suite choices (evaluation/evaluate.py); the defaults are the ADM-closest ones.
+      inception_preprocess='tf1',  # 'tf1' (ADM's TF graph ops, emulated) | 'pytorch_fid'.
+      pr_distances='float16',  # precision/recall distances: ADM float16 (float32 on overflow).
+      is_split_size=5000,     # IS over contiguous chunks of this many samples (ADM).
       fmnist_fid=True,        # Fashion-MNIST runs: FID of the report's samples (feature network).
       report_samples=200,     # samples per row of the end-of-run report (FID and timing).
   ))
@@ -277,6 +282,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config.data.source, 'config.data.source',
           ('fashion_mnist', 'imagenet', 'image_folder', 'latents'))
   _choice(config.eval.labels, 'config.eval.labels', ('uniform', 'balanced'))
+  _choice(config.eval.inception_preprocess, 'config.eval.inception_preprocess',
+          ('tf1', 'pytorch_fid'))
+  _choice(config.eval.pr_distances, 'config.eval.pr_distances', ('float16', 'float32', 'float64'))
+  if config.eval.is_split_size < 1:
+    raise ValueError(f'config.eval.is_split_size={config.eval.is_split_size} must be >= 1 '
+                     '(ADM: 5000)')
   if config.sample.num_steps < 2:
     raise errors.ConfigError(f'config.sample.num_steps={config.sample.num_steps} must be >= 2 '
                              '(it counts grid points including both ends)')
@@ -316,6 +327,8 @@ def imagenet_config(size: str, num_stages: int, cfg_scales, *, resolution: int =
   c.data.image_size = resolution
   c.data.source = 'latents'
   set_schedule(c, num_stages, cfg_scales)
+  # The published FIDs (SiT, DiT, PPFlow) guide latent channels 0..2 only; 'all' is one override.
+  c.sample.cfg_channels = 'legacy'
   if arg == 'runlocal':
     c.model.update(model_config('S', depth=2, hidden_size=96, num_heads=4, num_classes=10))
     c.latent.update(height=32, width=32, channels=1)
@@ -329,11 +342,11 @@ def imagenet_config(size: str, num_stages: int, cfg_scales, *, resolution: int =
   return c
 
 
-def sit_config(size: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """SiT-<size>/2 on ImageNet 256 with SiT's FID sampler: SDE (Euler-Maruyama), CFG 1.5.
-
-  SiT guided latent channels 0..2 only; add `--config.sample.cfg_channels=legacy` to match it.
+def sit_config(size: str, arg: str | None = None, *,
+               resolution: int = 256) -> ml_collections.ConfigDict:
+  """SiT-<size>/2 on ImageNet 256 with SiT's FID protocol: SDE (Euler-Maruyama on
+  linspace(0, 0.96, 250) + one mean step), CFG 1.5 on latent channels 0..2.
   """
-  c = imagenet_config(size, 1, (1.5,), arg=arg)
+  c = imagenet_config(size, 1, (1.5,), resolution=resolution, arg=arg)
   c.sample.method = 'sde'
   return c

@@ -16,10 +16,11 @@ output channels C_out (2C with learn_sigma), width d, depth N, MLP width r * d, 
   final layer      2 d^2 + L * d * P * C_out             (final adaLN, de-embed)
 
 Testing FLOPs of a sampling run = sum over stages of (model evaluations at that stage, as the
-sampler really does them, `sampling.num_evaluations`) x (forward FLOPs of that stage). The
-paper's "Testing FLOPs (%)" is that sum relative to the same model forced to its finest patch at
-every evaluation (= SiT). CFG's unconditional pass is excluded from the ratio (it doubles both
-sides when every stage is guided); `sampling_flops` reports the with-CFG count separately.
+sampler really does them, `sampling.evaluations`) x (forward FLOPs of that stage). The paper's
+"Testing FLOPs (%)" is that sum relative to the same model forced to its finest patch at every
+evaluation (= SiT), without CFG's guidance passes. `cfg=True` (what the run report's speed-up
+bound uses) counts them exactly as both samplers run them: the finest-only reference skips the
+unconditional pass at the same times as the stage schedule (scale 1.0, `skip_unit_cfg`).
 
 Every model variant has its per-forward count registered with `@register('name')` (dispatch on
 `config.model.variant`: 'ppf' here, 'mpdit' from models/mpdit.py); everything above the
@@ -150,8 +151,9 @@ def sampling_flops(config: ml_collections.ConfigDict,
 
   Returns {stages: [{stage, patch, tokens, evaluations, passes, forward_flops, flops}], evaluations,
   macs, flops, flops_with_cfg}. `evaluations` are model evaluations per stage as the sampler runs
-  them (`sampling.num_evaluations`); `passes` adds CFG's unconditional pass where a segment is
-  guided (a stage whose scale is 1.0 runs one pass with `skip_unit_cfg`).
+  them (`sampling.num_evaluations`); `passes` are the forward passes at that stage including the
+  guidance ones (`sampling.forward_passes`: none at scale 1.0 with `skip_unit_cfg`, at every
+  evaluation of the finest-only reference exactly where the stage schedule runs them).
   """
   m = _Model.of(config)
   return _sampling(m, spec or sampling.SamplerSpec.from_config(m.config))
@@ -160,11 +162,7 @@ def sampling_flops(config: ml_collections.ConfigDict,
 def _sampling(m: _Model, spec: sampling.SamplerSpec) -> dict:
   schedule = m.schedule
   evals = sampling.num_evaluations(schedule, spec)
-  per_step = 2 if spec.method == 'heun' else 1
-  passes = [0] * len(schedule)
-  for seg in sampling.plan(schedule, spec):
-    n = per_step * (seg.stop - seg.start) + seg.finish_pending + seg.begin_crossing
-    passes[seg.stage] += n * (2 if seg.guided else 1)
+  passes = sampling.forward_passes(schedule, spec)
   rows = []
   for s in range(len(schedule)):
     fwd = _forward(m, s)

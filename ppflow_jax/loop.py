@@ -7,7 +7,10 @@ On SIGTERM or a JAX preemption sync point it saves the current step and exits wi
 Metrics (loss, per-stage loss, grad norm, lr, images/s, estimated MFU) go to
 `workdir/metrics.jsonl` and TensorBoard events in `workdir/tensorboard/` (summary.py); with
 config.train.sample_every every process samples an EMA grid, decoded by the VAE for latent
-configs, and process 0 writes it as a PNG and a TensorBoard image.
+configs, and process 0 writes it as a PNG and a TensorBoard image. A run first takes the
+workdir's run lease (lease.py; a second writer is refused before it touches anything), stops
+with one line when a checkpoint save failed (checked before every step), and writes
+`workdir/config.json`, the run record, once when the run starts, never rewriting it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from absl import logging
 from ppflow_jax import checkpoint
 from ppflow_jax import data as data_lib
 from ppflow_jax import inference
+from ppflow_jax import lease as lease_lib
 from ppflow_jax import paths
 from ppflow_jax import report
 from ppflow_jax import sharding
@@ -86,10 +90,35 @@ def check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
   return fetched
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> tuple[Trainer, TrainState]:
-  """Trains `config` in `workdir` (resuming if it holds checkpoints) -> (trainer, final state)."""
+RUN_RECORD = 'config.json'
+
+
+def write_run_record(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes `workdir/config.json` unless it exists: it describes the run that wrote the
+  checkpoints beside it (each checkpoint step also keeps the config it was trained with)."""
+  path = paths.join(workdir, RUN_RECORD)
+  if jax.process_index() == 0 and not paths.exists(path):
+    paths.write_text(path, config.to_json_best_effort(indent=2))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       force: bool = False) -> tuple[Trainer, TrainState]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints) -> (trainer, final state).
+
+  Args:
+    force: take the workdir's run lease over from a holder that still looks alive.
+  Raises:
+    lease.LeaseHeldError: another process is training in `workdir` (nothing was written).
+    checkpoint.CheckpointWriteError: a save failed; the last complete step is kept.
+  """
   paths.makedirs(workdir)
+  with lease_lib.RunLease(workdir, expiry_s=config.checkpoint.lease_expiry_s,
+                          force=force) as lease:
+    return _train(config, workdir, lease)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           lease: lease_lib.RunLease) -> tuple[Trainer, TrainState]:
   mesh = sharding.make_mesh(config)
   trainer = Trainer(config, mesh)
   lead = jax.process_index() == 0
@@ -97,8 +126,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       config, global_batch_size=config.train.batch_size, process_index=jax.process_index(),
       process_count=jax.process_count(), seed=config.seed)
   encoder = OnlineEncoder(config, trainer) if needs_online_encoding(config) else None
-  ckpt = checkpoint.Checkpointer(workdir, config, trainer)
-  state = ckpt.restore_or_init(data_iter)
+  ckpt = checkpoint.Checkpointer(workdir, config, trainer, lease=lease)
+  try:
+    state = ckpt.restore_or_init(data_iter)
+  except BaseException:
+    ckpt.close()
+    raise
+  write_run_record(config, workdir)
   start = int(jax.device_get(state.step))
   total = config.train.steps
   logging.info('training %s from step %d to %d in %s', config.model.size, start, total, workdir)
@@ -117,6 +151,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   try:
     with jax.set_mesh(mesh):
       for step in range(start + 1, total + 1):
+        ckpt.check_saves()
+        if jax.process_count() == 1:  # A flag read; multi-process jobs check at saves (collective).
+          lease.check()
         batch = global_batch(next(data_iter), trainer)
         if encoder is not None:
           batch = encoder(batch, step)

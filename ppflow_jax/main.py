@@ -1,9 +1,12 @@
 """Command-line entry point: `python -m ppflow_jax.main --config=configs/X.py --workdir=DIR`.
 
-Modes: `train` (default; resumes from the latest checkpoint in workdir, then writes the run
-report), `sample` (a class-conditional grid from the workdir's EMA weights) and `sample_fid`
-(evaluation/sample.py: N samples as an ADM .npz with an eval card). Any config field can be
-overridden: `--config.train.steps=100 --config.schedule.cfg_scales='(1.0, 4.0)'`.
+Modes: `train` (default; takes the workdir's run lease, resumes from the latest checkpoint in
+workdir, then writes the run report), `sample` (a class-conditional grid from the workdir's EMA
+weights, recorded in samples.json) and `sample_fid` (evaluation/sample.py: N samples as an ADM
+.npz with an eval card). Sampling modes only read the workdir's checkpoints and config.json.
+A second `train` on a busy workdir exits with status 2; a failed checkpoint save with status 1,
+each with one line on stderr. Any config field can be overridden:
+`--config.train.steps=100 --config.schedule.cfg_scales='(1.0, 4.0)'`.
 Multi-process runs call `jax.distributed.initialize()` (automatic on TPU VMs; on GPU clusters
 pass --coordinator_address, --num_processes and --process_id, see launch/).
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import jax
 from absl import app
@@ -32,6 +36,8 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Checkpoints, logs, samples and reports.')
   flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'sample_fid'], 'What to run.')
+  flags.DEFINE_bool('force', False, 'Take the workdir\'s run lease over from a process that '
+                    'still looks alive (confirm it is gone first).')
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
   flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
   flags.DEFINE_integer('process_id', None, 'This process index.')
@@ -76,14 +82,11 @@ def fmnist_evaluator(config, workdir: str):
   return fmnist_features.FMNISTEvaluator(paths.join(workdir, 'fmnist_classifier'))
 
 
-def run(config, workdir: str, mode: str, class_labels: str = '') -> None:
-  from ppflow_jax import inference, loop, report  # pylint: disable=g-import-not-at-top
+def run(config, workdir: str, mode: str, class_labels: str = '', force: bool = False) -> None:
+  from ppflow_jax import checkpoint, inference, loop, report  # pylint: disable=g-import-not-at-top
   config = config_lib.resolve(config)
-  paths.makedirs(workdir)
-  if jax.process_index() == 0:
-    paths.write_text(paths.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   if mode == 'train':
-    trainer, state = loop.train_and_evaluate(config, workdir)
+    trainer, state = loop.train_and_evaluate(config, workdir, force=force)
   elif mode == 'sample':
     model = inference.Inference.from_workdir(workdir, config, vae=vae_weights.for_config(config))
     labels = None
@@ -92,6 +95,9 @@ def run(config, workdir: str, mode: str, class_labels: str = '') -> None:
       labels = sample.parse_labels(class_labels, config.model.num_classes)
     out = paths.join(workdir, 'samples.png')
     report.save_sample_grid(model, out, labels=labels)
+    if jax.process_index() == 0:  # The record of this grid; config.json stays the run's.
+      paths.write_text(paths.join(workdir, 'samples.json'), json.dumps(dict(
+          samples=out, step=model.step, config=checkpoint.config_json(config)), indent=2))
     print(f'wrote {out}')
     return
   else:
@@ -113,7 +119,15 @@ def main(argv):
   maybe_initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
   if f.class_labels and f.mode != 'sample':
     raise app.UsageError('--class_labels is for --mode=sample')
-  run(f.config, f.workdir, f.mode, f.class_labels)
+  from ppflow_jax import checkpoint, lease  # pylint: disable=g-import-not-at-top
+  try:
+    run(f.config, f.workdir, f.mode, f.class_labels, force=f.force)
+  except lease.LeaseHeldError as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
+  except (checkpoint.CheckpointWriteError, lease.LeaseLostError) as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def console() -> None:

@@ -57,6 +57,17 @@ def grid_labels(num_images: int, num_classes: int) -> np.ndarray:
   return (np.arange(num_images) // per_class % num_classes).astype(np.int32)
 
 
+def ms_per_evaluation(sampler: sampling.Sampler, steady: list[sampling.Timing]) -> list[dict]:
+  """Median milliseconds per model evaluation of each (patch, passes) group of a run."""
+  rows = []
+  for (stage, guided), n in sorted(sampling.evaluations_by_group(sampler.schedule,
+                                                                 sampler.spec).items()):
+    rows.append(dict(stage=stage, patch=list(sampler.schedule.stages[stage].patch),
+                     passes=2 if guided else 1, evaluations=n,
+                     ms=float(np.median([1e3 * t.groups[stage, guided] / n for t in steady]))))
+  return rows
+
+
 def sample_grid(model: inference.Inference, labels=None) -> np.ndarray:
   """A grid of `model`'s samples for `labels` (default: config.sample.num_images, one class per
   row), decoded with its VAE when there is one: uint8 (H, W, C). Every process must call it (the
@@ -121,12 +132,16 @@ def final_report(model: inference.Inference, workdir: str, evaluator=None) -> di
   for name, overrides in (('ppf', {}), ('finest', {'force_finest': True})):
     sampler = model.sampler(**overrides)
     specs[name] = sampler.spec
-    latents, seconds = sampling.sample_in_chunks(sampler, model.params, model.latent_shape, labels,
-                                                 config.seed, config.sample.batch_size)
-    steady = sampling.steady_seconds(sampler, model.params, model.latent_shape, labels,
-                                     config.sample.batch_size, seconds)
-    result[f'{name}_batch_seconds'] = float(np.median(steady))
-    result[f'{name}_batch_seconds_range'] = [float(min(steady)), float(max(steady))]
+    bs = config.sample.batch_size
+    latents, timings = sampling.sample_in_chunks(sampler, model.params, model.latent_shape, labels,
+                                                 config.seed, bs)
+    steady = sampling.steady_timings(sampler, model.params, model.latent_shape, labels, bs,
+                                     timings)
+    seconds = [t.seconds for t in steady]
+    result[f'{name}_batch_seconds'] = float(np.median(seconds))
+    result[f'{name}_batch_seconds_range'] = [float(min(seconds)), float(max(seconds))]
+    result[f'{name}_ms_per_evaluation'] = ms_per_evaluation(sampler, steady)
+    result[f'{name}_forward_passes'] = sum(sampling.forward_passes(sampler.schedule, sampler.spec))
     images[name] = np.clip(np.asarray(model.decode(latents)), -1.0, 1.0)
     suffix = '' if name == 'ppf' else '_finest'
     save_grid(to_uint8(images[name][:config.sample.num_images]),
@@ -136,7 +151,9 @@ def final_report(model: inference.Inference, workdir: str, evaluator=None) -> di
       sampler=f'{spec.method}, {spec.num_steps} grid points, CFG {list(config.schedule.cfg_scales)}'
               f' on {spec.cfg_channels} channels',
       measured_speedup=result['finest_batch_seconds'] / result['ppf_batch_seconds'],
-      flops_ratio=float(flops.testing_flops_ratio(config, spec)))
+      # Both rows timed with CFG as they run it, so the bound counts their guidance passes too.
+      flops_ratio=float(flops.testing_flops_ratio(config, spec, cfg=True)),
+      flops_ratio_without_cfg=float(flops.testing_flops_ratio(config, spec)))
   result['flops_speedup_bound'] = 1.0 / result['flops_ratio']
   if evaluator is not None:
     for name, x in images.items():
@@ -149,19 +166,33 @@ def final_report(model: inference.Inference, workdir: str, evaluator=None) -> di
   return result
 
 
+def _ms_per_evaluation_line(groups: list[dict]) -> str:
+  return ', '.join(f"{'x'.join(map(str, g['patch']))} {'with' if g['passes'] == 2 else 'without'} "
+                   f"guidance pass: {g['ms']:.1f} ms x {g['evaluations']}" for g in groups)
+
+
 def report_markdown(r: dict) -> str:
   def row(name, label, speedup, flops_pct):
     lo, hi = r[f'{name}_batch_seconds_range']
     return (f'| {label} | {r[f"{name}_batch_seconds"]:.2f} ({lo:.2f}-{hi:.2f}) | {speedup} | '
-            f'{flops_pct} | {r.get(f"fid_{name}", float("nan")):.2f} |')
+            f'{r[f"{name}_forward_passes"]} | {flops_pct} | '
+            f'{r.get(f"fid_{name}", float("nan")):.2f} |')
   return '\n'.join([
       f'# Run report (step {r["steps"]}, {r["device"]})', '',
-      f'Sampler: {r["sampler"]}. Same noise and labels for both rows; seconds per batch of '
-      f'{r["batch_size"]}, median (min-max) over batches after the first (compilation excluded); '
-      f'FID over {r["num_images"]} samples under the Fashion-MNIST feature network.', '',
-      '| sampling | s / batch | speed-up | testing FLOPs | FID |', '|---|---|---|---|---|',
+      f'Sampler: {r["sampler"]}. Same noise and labels for both rows, and the same passes at every '
+      'time (the unconditional pass is skipped where the CFG scale is 1.0, in both rows); seconds '
+      f'per batch of {r["batch_size"]}, median (min-max) over batches after the first '
+      f'(compilation excluded); FID over {r["num_images"]} samples under the Fashion-MNIST '
+      'feature network.', '',
+      '| sampling | s / batch | speed-up | forward passes | testing FLOPs (with CFG as run) | FID |',
+      '|---|---|---|---|---|---|',
       row('ppf', 'PPF (stage schedule)', f'{r["measured_speedup"]:.2f}x',
           f'{100 * r["flops_ratio"]:.1f}%'),
       row('finest', 'same weights, finest patch only', '1.00x', '100%'), '',
-      f'FLOPs bound on the speed-up: {r["flops_speedup_bound"]:.2f}x.', '',
+      f'FLOPs bound on the speed-up: {r["flops_speedup_bound"]:.2f}x (CFG passes counted as run; '
+      f'{100 * r["flops_ratio_without_cfg"]:.1f}% of the FLOPs without them, the paper\'s '
+      'convention).', '',
+      'Milliseconds per model evaluation (median per batch): PPF '
+      f'{_ms_per_evaluation_line(r["ppf_ms_per_evaluation"])}; finest only '
+      f'{_ms_per_evaluation_line(r["finest_ms_per_evaluation"])}.', '',
       '![samples](samples.png) ![loss](loss.png)', ''])

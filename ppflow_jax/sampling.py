@@ -2,10 +2,12 @@
 
 Time runs from t = 0 (noise) to t = 1 (data). Every model evaluation at time t uses the patch of
 t's stage (a boundary time belongs to the coarser stage, as in the official sampler) and that
-stage's CFG scale. Consecutive evaluations of the same stage form a *segment*, run as one jitted
-`fori_loop`: a whole sampling run compiles one XLA program per patch size and never returns to
-the host between steps. A Heun step whose second evaluation falls in the next stage is split:
-its first half ends the coarse segment and its second half opens the next one.
+stage's CFG scale. Consecutive evaluations of the same stage and CFG scale form a *segment*, run
+as one jitted `fori_loop`: a whole sampling run compiles one XLA program per segment and never
+returns to the host between steps. A Heun step whose second evaluation falls in the next segment
+is split: its first half ends one segment and its second half opens the next one.
+`evaluations()` lists every model evaluation as the segments run it; every count of evaluations,
+forward passes and FLOPs (flops.py, the benchmarks, the report) derives from it.
 
 Published behaviour, reproducible by config (`config.sample`):
 - ODE `heun` over `linspace(0, 1, 250)` (249 steps, 498 evaluations): the official PPFlow default.
@@ -90,52 +92,112 @@ def integration_steps(spec: SamplerSpec) -> Steps:
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-  """Steps [start, stop) evaluated with one model stage (static per compiled program)."""
+  """Steps [start, stop) evaluated with one model stage and CFG scale (static per program)."""
   stage: int
   start: int
   stop: int
   finish_pending: bool = False  # opens by completing a Heun step begun in the previous segment
   begin_crossing: bool = False  # ends by starting a Heun step whose corrector is in the next
-  guided: bool = True           # runs the unconditional pass (some scale != 1)
+  guided: bool = True           # runs the guidance pass (its scale is not a skipped 1.0)
 
 
-def _eval_stage(schedule: stages_lib.Schedule, spec: SamplerSpec, t: float) -> int:
-  return len(schedule) - 1 if spec.force_finest else schedule.stage_index(min(t, 1.0))
+def cfg_scale(schedule: stages_lib.Schedule, t: float) -> float:
+  """The CFG scale of time t: that of t's stage in the schedule (also when forcing the finest)."""
+  return schedule.stages[schedule.stage_index(min(t, 1.0))].cfg_scale
+
+
+def guidance_stage(spec: SamplerSpec, stage: int) -> int:
+  """The stage whose patch runs the guidance pass of an evaluation at `stage` (FlexiDiT's weak
+  guidance uses a coarser one; standard CFG the same)."""
+  weak = spec.guidance == 'weak_conditional' and spec.guidance_stage < stage
+  return spec.guidance_stage if weak else stage
+
+
+def _eval_key(schedule: stages_lib.Schedule, spec: SamplerSpec, t: float) -> tuple[int, float]:
+  """(model stage, CFG scale) of an evaluation at t: a segment holds one key."""
+  stage = len(schedule) - 1 if spec.force_finest else schedule.stage_index(min(t, 1.0))
+  return stage, cfg_scale(schedule, t)
 
 
 def plan(schedule: stages_lib.Schedule, spec: SamplerSpec) -> list[Segment]:
-  """Splits the steps of `spec` into per-stage segments (one compiled program each)."""
+  """Splits the steps of `spec` into segments of one model stage and one CFG scale each.
+
+  Segments split where the stage changes and also where the scale changes, so a run forced to the
+  finest patch skips the unconditional pass exactly where the stage schedule does (scale 1.0 with
+  `skip_unit_cfg`): the two are compared like for like.
+  """
   steps = integration_steps(spec)
   t_end = steps.t + steps.dt
   n = len(steps.t)
-  first = [_eval_stage(schedule, spec, t) for t in steps.t]
-  second = [_eval_stage(schedule, spec, t) for t in t_end] if spec.method == 'heun' else first
-
-  def guided(evals_t) -> bool:
-    scales = [schedule.stages[schedule.stage_index(min(t, 1.0))].cfg_scale for t in evals_t]
-    return not (spec.skip_unit_cfg and all(s == 1.0 for s in scales))
+  first = [_eval_key(schedule, spec, t) for t in steps.t]
+  second = [_eval_key(schedule, spec, t) for t in t_end] if spec.method == 'heun' else first
 
   segments, i, pending = [], 0, False
   while i < n or pending:
-    stage = second[i - 1] if pending else first[i]
+    key = second[i - 1] if pending else first[i]
     j = i
-    while j < n and first[j] == stage and second[j] == stage:
+    while j < n and first[j] == key and second[j] == key:
       j += 1
-    crossing = j < n and first[j] == stage and second[j] != stage
-    evals = list(steps.t[i:j]) + (list(t_end[i:j]) if spec.method == 'heun' else [])
-    evals += [t_end[i - 1]] if pending else []
-    evals += [steps.t[j]] if crossing else []
-    segments.append(Segment(stage, i, j, pending, crossing, guided(evals)))
+    crossing = j < n and first[j] == key and second[j] != key
+    guided = not (spec.skip_unit_cfg and key[1] == 1.0)
+    segments.append(Segment(key[0], i, j, pending, crossing, guided))
     pending = crossing
     i = j + 1 if crossing else j
   return segments
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """One model evaluation as the sampler runs it: the conditional pass at `stage` and, if
+  `guide_stage` is not None, the guidance pass (unconditional, or FlexiDiT's weak one) there."""
+  t: float
+  stage: int
+  cfg_scale: float
+  guide_stage: int | None
+
+
+def evaluations(schedule: stages_lib.Schedule, spec: SamplerSpec) -> list[Evaluation]:
+  """Every model evaluation of one sampling run, in the order the sampler's segments run them.
+
+  The single count behind `num_evaluations`, `forward_passes`, flops.py and the benchmarks.
+  """
+  steps = integration_steps(spec)
+  t_end = steps.t + steps.dt
+  out = []
+  for seg in plan(schedule, spec):
+    times = [t_end[seg.start - 1]] if seg.finish_pending else []
+    for k in range(seg.start, seg.stop):
+      times += [steps.t[k], t_end[k]] if spec.method == 'heun' else [steps.t[k]]
+    times += [steps.t[seg.stop]] if seg.begin_crossing else []
+    guide = guidance_stage(spec, seg.stage) if seg.guided else None
+    out += [Evaluation(float(t), seg.stage, cfg_scale(schedule, t), guide) for t in times]
+  return out
+
+
+def num_evaluations(schedule: stages_lib.Schedule, spec: SamplerSpec) -> list[int]:
+  """Model evaluations per model stage in one sampling run (conditional passes; no CFG doubling)."""
+  counts = [0] * len(schedule)
+  for e in evaluations(schedule, spec):
+    counts[e.stage] += 1
+  return counts
+
+
+def forward_passes(schedule: stages_lib.Schedule, spec: SamplerSpec) -> list[int]:
+  """Forward passes per stage as run: every evaluation's conditional pass plus its guidance pass
+  (CFG's unconditional one, skipped at scale 1.0 with `skip_unit_cfg`; or the weak patch's)."""
+  counts = [0] * len(schedule)
+  for e in evaluations(schedule, spec):
+    counts[e.stage] += 1
+    if e.guide_stage is not None:
+      counts[e.guide_stage] += 1
+  return counts
 
 
 class Sampler:
   """Samples latents from a model for a schedule; compiled programs are cached per instance.
 
   `sample(state, noise, labels, keys)` runs every segment in order; only the stage index, the
-  segment flags and the array lengths are static, so each stage compiles once per Sampler.
+  segment flags and the array lengths are static, so each segment compiles once per Sampler.
   """
 
   def __init__(self, graphdef: nnx.GraphDef, schedule: stages_lib.Schedule, spec: SamplerSpec,
@@ -156,25 +218,20 @@ class Sampler:
                              donate_argnames=('carry',))
 
   def _scale(self, t: float) -> float:
-    return self.schedule.stages[self.schedule.stage_index(min(t, 1.0))].cfg_scale
-
-  def weak_guidance_stage(self, stage: int) -> int | None:
-    """The coarser stage whose conditional pass guides `stage`, or None for standard CFG."""
-    s = self.spec
-    return s.guidance_stage if s.guidance == 'weak_conditional' and s.guidance_stage < stage else None
+    return cfg_scale(self.schedule, t)
 
   def _velocity_fn(self, state: nnx.State, segment: Segment, y: jax.Array) -> Callable:
     """Returns v(x, t, scale): the guided velocity of `segment`'s stage. x: (B, H, W, C)."""
     model = nnx.merge(self.graphdef, state)
     null = jnp.full_like(y, self.null_class)
     legacy = self.spec.cfg_channels == 'legacy'
-    weak = self.weak_guidance_stage(segment.stage)
+    guide = guidance_stage(self.spec, segment.stage)
 
     def velocity(x, t, scale):
       tb = jnp.full((x.shape[0],), t, jnp.float32)
       if not segment.guided:
         return model(x, tb, y, segment.stage)
-      if weak is None:
+      if guide == segment.stage:
         # Sample i's two passes are rows 2i, 2i + 1: a batch-sharded x stays on its devices
         # (concatenating [x, x] would move half of every pass across the mesh).
         both = model(_pairs(x, x), _pairs(tb, tb), _pairs(y, null), segment.stage)
@@ -182,7 +239,7 @@ class Sampler:
         cond, uncond = both[:, 0], both[:, 1]
       else:  # the "unconditional" slot holds the weak patch's conditional prediction
         cond, uncond = packing.bucketed_forward(model, [x, x], [tb, tb], [y, y],
-                                                self.spec.pack_guidance, (segment.stage, weak))
+                                                self.spec.pack_guidance, (segment.stage, guide))
       guided = uncond + scale * (cond - uncond)
       if legacy:
         guided = jnp.concatenate([guided[..., :LEGACY_GUIDED_CHANNELS],
@@ -278,12 +335,39 @@ def _pairs(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
 
 
-def num_evaluations(schedule: stages_lib.Schedule, spec: SamplerSpec) -> list[int]:
-  """Model evaluations per model stage in one sampling run (without the CFG doubling)."""
-  counts = [0] * len(schedule)
-  per_step = 2 if spec.method == 'heun' else 1
-  for seg in plan(schedule, spec):
-    counts[seg.stage] += per_step * (seg.stop - seg.start) + seg.finish_pending + seg.begin_crossing
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  """Wall time of one sampling call and its share per (stage, guided) segment group."""
+  seconds: float
+  groups: dict  # {(stage, guided): seconds}
+
+
+def timed_sample(sampler: Sampler, state: nnx.State, noise: jax.Array, labels: jax.Array,
+                 keys: jax.Array | None = None) -> tuple[jax.Array, Timing]:
+  """`sampler.sample`, waiting for every segment to finish -> (samples, its Timing).
+
+  Group seconds divided by `evaluations_by_group` give milliseconds per evaluation of each patch
+  with and without the guidance pass (what explains a speed-up that differs from FLOPs).
+  """
+  groups: dict[tuple[int, bool], float] = {}
+  last = start = time.perf_counter()
+
+  def on_segment(seg: Segment, x: jax.Array) -> None:
+    nonlocal last
+    jax.block_until_ready(x)
+    now = time.perf_counter()
+    groups[seg.stage, seg.guided] = groups.get((seg.stage, seg.guided), 0.0) + now - last
+    last = now
+  x = jax.block_until_ready(sampler.sample(state, noise, labels, keys, on_segment=on_segment))
+  return x, Timing(time.perf_counter() - start, groups)
+
+
+def evaluations_by_group(schedule: stages_lib.Schedule, spec: SamplerSpec) -> dict:
+  """{(stage, guided): model evaluations} of one run, grouped as `timed_sample` times them."""
+  counts: dict[tuple[int, bool], int] = {}
+  for e in evaluations(schedule, spec):
+    key = (e.stage, e.guide_stage is not None)
+    counts[key] = counts.get(key, 0) + 1
   return counts
 
 
@@ -311,29 +395,29 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 
 def sample_in_chunks(sampler: Sampler, params, shape: tuple[int, int, int], labels: np.ndarray,
-                     seed: int, batch_size: int) -> tuple[np.ndarray, list[float]]:
+                     seed: int, batch_size: int) -> tuple[np.ndarray, list[Timing]]:
   """Samples latents (N, *shape) for `labels` (N,) in chunks of `batch_size`, sample i with
-  `index_noise(shape, i, seed)`. Returns (samples, seconds per chunk); the first chunk compiles
-  the stage programs, so callers timing the sampler use the later ones (`steady_seconds`)."""
+  `index_noise(shape, i, seed)`. Returns (samples, the Timing of each chunk); the first chunk
+  compiles the stage programs, so callers timing the sampler use the later ones
+  (`steady_timings`)."""
   noise, keys = index_noise(shape, jnp.arange(len(labels)), seed)
-  out, seconds = [], []
+  out, timings = [], []
   for i in range(0, len(labels), batch_size):
-    t0 = time.perf_counter()
-    x = sampler.sample(params, noise[i:i + batch_size], jnp.asarray(labels[i:i + batch_size]),
-                       keys[i:i + batch_size])
-    out.append(to_host(jax.block_until_ready(x)))
-    seconds.append(time.perf_counter() - t0)
-  return np.concatenate(out), seconds
+    x, timing = timed_sample(sampler, params, noise[i:i + batch_size],
+                             jnp.asarray(labels[i:i + batch_size]), keys[i:i + batch_size])
+    out.append(to_host(x))
+    timings.append(timing)
+  return np.concatenate(out), timings
 
 
-def steady_seconds(sampler: Sampler, params, shape: tuple[int, int, int], labels: np.ndarray,
-                   batch_size: int, seconds=(), repeats: int = 3) -> list[float]:
-  """Per-batch times without compilation: the full chunks after the first of `seconds` (from
+def steady_timings(sampler: Sampler, params, shape: tuple[int, int, int], labels: np.ndarray,
+                   batch_size: int, timings=(), repeats: int = 3) -> list[Timing]:
+  """Per-batch timings without compilation: the full chunks after the first of `timings` (from
   `sample_in_chunks` over `labels`), topped up with fresh timed batches (after an untimed
   compile run if nothing ran yet) until there are `repeats`."""
-  steady = list(seconds[1:len(labels) // batch_size])
+  steady = list(timings[1:len(labels) // batch_size])
   first = labels[:batch_size]
-  if not seconds:
+  if not timings:
     sample_in_chunks(sampler, params, shape, first, 0, batch_size)
   while len(steady) < repeats:
     steady.append(sample_in_chunks(sampler, params, shape, first, 0, batch_size)[1][0])

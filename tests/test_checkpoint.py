@@ -1,5 +1,8 @@
 """Checkpoint acceptance: bitwise-exact resume after SIGKILL, SIGTERM saves and exits 0, restore on
-other meshes, and the guards (non-finite loss, corrupt latest step, config/shape mismatch).
+other meshes, and the guards (non-finite loss, corrupt latest step, config/shape mismatch), a
+second launch on a running workdir (refused by the run lease), a save that fails mid-run, and
+config.json left alone by refused runs and sampling. docs/checkpoint.md's fault table lists
+these tests.
 
 Training runs are `python -m ppflow_jax.main` subprocesses of a tiny `configs/default.py:runlocal`
 sharing a persistent compilation cache, so only the first run (and the lr=1e30 one) compiles.
@@ -13,10 +16,12 @@ import glob
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -162,6 +167,102 @@ def test_sigkill_and_rerun_is_bitwise_exact(reference, env, tmp_path, trainer):
         {k: v for k, v in g.items() if k not in timing}, f'step {r["step"]} (resumed at {start})'
 
 
+def wait_for(condition, proc, what: str, timeout: float = 300) -> None:
+  deadline = time.time() + timeout
+  while not condition():
+    assert proc.poll() is None, f'the run ended before {what}'
+    assert time.time() < deadline, f'timed out waiting for {what}'
+    time.sleep(0.01)
+
+
+def assert_equals_reference(reference, workdir, trainer, what: str) -> None:
+  ref, got = read_state(reference, STEPS, trainer), read_state(workdir, STEPS, trainer)
+  for part in ('params', 'ema', 'opt_state', 'step', 'rng'):
+    assert_bitwise_equal(ref[part], got[part], f'{part} {what}')
+  drop = lambda m: {k: v for k, v in m.items() if k not in ('steps_per_sec', 'images_per_sec', 'mfu_estimate')}
+  assert [drop(m) for m in metrics(workdir)] == [drop(m) for m in metrics(reference)], what
+
+
+def test_second_launch_is_refused_and_leaves_the_run_alone(reference, env, tmp_path, trainer):
+  workdir = str(tmp_path / 'busy')
+  first = subprocess.Popen(main_cmd(workdir), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+  try:
+    wait_for(lambda: metrics(workdir), first, 'the first step')
+    first.send_signal(signal.SIGSTOP)  # Hold it mid-run, lease taken, while the second starts.
+    record = open(os.path.join(workdir, 'config.json'), 'rb').read()
+    before = {p: os.path.getmtime(p) for p in glob.glob(f'{workdir}/**', recursive=True)}
+    second = run_main(workdir, env, '--config.train.lr=0.5', check=False)
+    assert second.returncode == 2, second.stderr[-3000:]
+    last = second.stderr.strip().split('\n')[-1]
+    assert last.startswith(f'error: workdir {workdir} is in use: it is held by host '), last
+    assert f', pid {first.pid}, started ' in last and '--force' in last, last
+    after = {p: os.path.getmtime(p) for p in glob.glob(f'{workdir}/**', recursive=True)}
+    assert after == before  # nothing written, created or removed
+    assert open(os.path.join(workdir, 'config.json'), 'rb').read() == record
+  finally:
+    first.send_signal(signal.SIGCONT)
+    first.wait(timeout=600)
+  assert first.returncode == 0
+  assert_equals_reference(reference, workdir, trainer, 'of the run a second launch tried to join')
+  assert os.listdir(os.path.join(workdir, 'run_lease')) == []  # released at exit
+
+  # A refused resume (another model) and sampling leave the run record alone too.
+  p = run_main(workdir, env, '--config.model.hidden_size=64', check=False)
+  assert p.returncode != 0 and 'was written for another model' in p.stderr, p.stderr[-2000:]
+  run_main(workdir, env, '--mode=sample', '--config.sample.method=euler',
+           '--config.sample.num_steps=3', '--config.sample.num_images=2')
+  assert open(os.path.join(workdir, 'config.json'), 'rb').read() == record
+  with open(os.path.join(workdir, 'samples.json')) as f:
+    sampled = json.load(f)
+  assert sampled['step'] == STEPS and sampled['config']['sample']['num_steps'] == 3
+  assert json.loads(record)['sample']['num_steps'] != 3
+
+
+def test_failed_save_stops_the_run_and_keeps_the_last_good_step(reference, env, tmp_path,
+                                                                  trainer):
+  """The checkpoint filesystem starts refusing writes (RLIMIT_FSIZE: the array files no longer
+  fit, like a full disk) after the step-10 save: the step-20 save fails in the background and
+  the run stops before the next interval with one line; step 10 stays the latest, intact."""
+  workdir = str(tmp_path / 'full')
+  every = 10
+  # Pipes, not files: the size limit would apply to log files of the run too.
+  proc = subprocess.Popen(main_cmd(workdir, f'--config.checkpoint.every_steps={every}'),
+                          env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  out = {}
+  reader = threading.Thread(target=lambda: out.update(zip(('stdout', 'stderr'),
+                                                          proc.communicate())))
+  reader.start()
+  try:
+    wait_for(lambda: os.path.isdir(os.path.join(workdir, 'checkpoints', str(every))), proc,
+             'the first save')
+    proc.send_signal(signal.SIGSTOP)
+    assert metrics(workdir)[-1]['step'] < 2 * every, 'too late to inject before the next save'
+    # Above metrics.jsonl's final size, below the saved array files (hundreds of KB).
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+  finally:
+    proc.send_signal(signal.SIGCONT)
+    reader.join(timeout=600)
+  assert proc.returncode == 1, out['stderr'][-3000:]
+  last = out['stderr'].strip().split('\n')[-1]
+  assert last.startswith(f'error: checkpoint step {2 * every} could not be written: '), last
+  assert 'File too large' in last and last.endswith(f'; the last good step is {every}'), last
+  stopped = metrics(workdir)[-1]['step']
+  print(f'save of step {2 * every} failed; the run stopped after step {stopped}')
+  assert 2 * every < stopped < 3 * every, stopped  # no interval of lost compute
+  assert saved_steps(workdir) == [every]
+  state = checkpoint.restore_for_inference(workdir, small_config(), trainer)  # checksums verified
+  assert int(state.step) == every
+
+  # Room again: the rerun drops the partial step 20, resumes from 10 and ends where an
+  # uninterrupted run ends.
+  rerun = run_main(workdir, env, f'--config.checkpoint.every_steps={every}')
+  assert f'checkpoint step {2 * every} in ' in rerun.stdout and 'still being written' in rerun.stdout
+  assert f'resuming from step {every}' in rerun.stdout
+  assert_equals_reference(reference, workdir, trainer, 'after a failed save and a rerun')
+
+
 def test_sigterm_saves_current_step_and_exits_zero(env, tmp_path, trainer):
   workdir = str(tmp_path / 'preempted')
   log = tmp_path / 'log'
@@ -209,12 +310,18 @@ def _truncate(step_dir):
       fh.truncate(os.path.getsize(f) // 2)
 
 
-def _garble(step_dir):  # silent corruption: only the checksum notices.
-  biggest = max(glob.glob(os.path.join(step_dir, 'state', 'ocdbt.process_0', 'd', '*')),
-                key=os.path.getsize)
-  with open(biggest, 'r+b') as fh:
-    fh.seek(os.path.getsize(biggest) // 2)
-    fh.write(b'\x7f' * 64)
+def _delete_array_file(step_dir):
+  os.remove(max(glob.glob(os.path.join(step_dir, 'state', 'ocdbt.process_0', 'd', '*')),
+                key=os.path.getsize))
+
+
+def _swap_arrays(step_dir):
+  """Silent corruption: intact, readable arrays with other values (the previous step's), so only
+  the checksum notices. (Overwriting bytes of a data file is caught by zstd or not, depending
+  on where the bytes land.)"""
+  previous = os.path.join(os.path.dirname(step_dir), str(STEPS - EVERY), 'state')
+  shutil.rmtree(os.path.join(step_dir, 'state'))
+  shutil.copytree(previous, os.path.join(step_dir, 'state'))
 
 
 # A failed orbax read leaves un-awaited read coroutines behind; they are orbax's, not ours.
@@ -226,7 +333,10 @@ ORBAX_LEFTOVERS = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExc
     (_truncate, 'reading its arrays failed'),
     (lambda d: os.remove(os.path.join(d, 'state', '_METADATA')), 'metadata'),
     (lambda d: shutil.rmtree(os.path.join(d, 'state', 'ocdbt.process_0')), 'reading its arrays'),
-    (_garble, 'differ from what was saved (checksum)'),
+    # The array named, with tensorstore's reason (not orbax's wrapper and its pybind repr).
+    (_delete_array_file, 'reading its arrays failed (ValueError: FAILED_PRECONDITION: Error '
+     'reading "'),
+    (_swap_arrays, 'differ from what was saved (checksum)'),
 ])
 def test_corrupt_latest_checkpoint_falls_back(copy, trainer, capsys, damage, reason):
   damage(os.path.join(copy, 'checkpoints', str(STEPS)))
@@ -234,11 +344,28 @@ def test_corrupt_latest_checkpoint_falls_back(copy, trainer, capsys, damage, rea
     state = ckpt.restore_or_init(None)
   out = capsys.readouterr().out
   assert f'checkpoint step {STEPS} in ' in out and 'is unusable' in out and reason in out, out
+  assert 'pybind' not in out and 'TensorStore(' not in out, out
   previous = STEPS - EVERY
   assert f'resuming from step {previous}' in out
   assert int(state.step) == previous
   assert os.path.isdir(os.path.join(copy, 'checkpoints_corrupt', str(STEPS)))
   assert saved_steps(copy)[-1] == previous
+
+
+def test_failed_synchronous_save_names_the_last_good_step(copy, trainer, monkeypatch):
+  c = small_config()
+  c.checkpoint.async_save = False
+  ckpt = checkpoint.Checkpointer(copy, c, trainer)
+  state = ckpt.restore_or_init(None)
+  def full(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+  monkeypatch.setattr(ckpt.manager, 'save', full)
+  with pytest.raises(checkpoint.CheckpointWriteError) as e:
+    ckpt.save(STEPS + 1, state, None, force=True)
+  ckpt.close()
+  assert str(e.value) == (f'checkpoint step {STEPS + 1} could not be written: OSError: [Errno 28] '
+                          f'No space left on device; the last good step is {STEPS}')
+  assert saved_steps(copy)[-1] == STEPS
 
 
 def test_interrupted_write_is_reported_and_ignored(copy, trainer, capsys):
@@ -253,11 +380,29 @@ def test_interrupted_write_is_reported_and_ignored(copy, trainer, capsys):
 
 @ORBAX_LEFTOVERS
 def test_every_checkpoint_corrupt_is_an_error(copy, trainer):
-  for step in saved_steps(copy):
+  steps = saved_steps(copy)
+  for step in steps:
     _truncate(os.path.join(copy, 'checkpoints', str(step)))
+  corrupt, directory = os.path.join(copy, 'checkpoints_corrupt'), os.path.join(copy, 'checkpoints')
   with checkpoint.Checkpointer(copy, small_config(), trainer) as ckpt, pytest.raises(
-      checkpoint.CorruptCheckpointError, match='no checkpoint .* could be restored'):
+      checkpoint.CorruptCheckpointError) as e:
     ckpt.restore_or_init(None)
+  msg = str(e.value)
+  assert '\n' not in msg and msg.startswith(f'no checkpoint in {directory} could be restored'), msg
+  assert f'all were moved to {corrupt}/' in msg, msg
+  assert f'mv {corrupt}/{STEPS} {directory}/{STEPS}' in msg and f'rm -r {corrupt}' in msg, msg
+  # The next run does not quietly start over from step 0 ...
+  with checkpoint.Checkpointer(copy, small_config(), trainer) as ckpt, pytest.raises(
+      checkpoint.CorruptCheckpointError) as e:
+    ckpt.restore_or_init(None)
+  msg = str(e.value)
+  assert msg.startswith(f'{directory} holds no checkpoint but an earlier run quarantined steps '
+                        f'{", ".join(map(str, steps))}; '), msg
+  assert f'mv {corrupt}/{STEPS} {directory}/{STEPS}' in msg and '\n' not in msg, msg
+  # ... unless the user removes the quarantine, as the message says.
+  shutil.rmtree(corrupt)
+  with checkpoint.Checkpointer(copy, small_config(), trainer) as ckpt:
+    assert int(ckpt.restore_or_init(None).step) == 0
 
 
 def test_model_config_mismatch_is_refused_with_fields(reference, trainer):

@@ -38,6 +38,21 @@ def test_paper_models(name, patches, scales):
   assert c.train.ema_decay == 0.9999 and c.model.class_dropout == 0.1
 
 
+@pytest.mark.parametrize('name, method', [
+    ('ppf_xl_2', 'heun'), ('ppf_xl_3', 'heun'), ('ppf_xl_2_512', 'heun'), ('ppf_xl_3_512', 'heun'),
+    ('ppf_b_2', 'heun'), ('ppf_b_3', 'heun'), ('sit_xl_2', 'sde'), ('sit_b_2', 'sde'), ('sit_xl_2_512', 'sde'),
+])
+def test_paper_configs_sample_with_the_published_protocol(name, method):
+  """Without overrides: 250 grid points, the published sampler, CFG on latent channels 0..2."""
+  c = config_lib.resolve(load(os.path.join(ROOT, 'configs', f'{name}.py')))
+  assert (c.sample.method, c.sample.num_steps, c.sample.cfg_channels) == (method, 250, 'legacy')
+  assert c.model.dtype == 'float32' and c.sample.use_ema
+  assert (c.eval.inception_preprocess, c.eval.pr_distances, c.eval.is_split_size) == (
+      'tf1', 'float16', 5000)
+  if name.startswith('sit'):
+    assert tuple(c.schedule.cfg_scales) == (1.5,) and c.sample.sde_last_step == 0.04
+
+
 def test_512_latent_and_b5_schedule():
   c = config_lib.resolve(load(os.path.join(ROOT, 'configs', 'ppf_xl_2_512.py')))
   assert c.latent.height == 64

@@ -165,7 +165,11 @@ def test_eval_card(reference_run):
   assert card['stage_cfg_scales'] == [1.0, 2.0]
   assert card['stage_patch_sizes'] == [[4, 4], [2, 2]] and card['stage_boundaries'] == [0.5]
   assert card['cfg_channels'] == 'all' and card['skip_unit_cfg'] is True
-  assert card['precision'] == {'dtype': 'float32', 'param_dtype': 'float32'}
+  assert card['precision'] == {'dtype': 'float32', 'param_dtype': 'float32', 'attention': 'auto'}
+  assert card['sampler']['sde_last_step'] == 0.04 and card['sampler']['force_finest'] is False
+  assert card['model_evaluations'] == 4 and card['forward_passes'] == 4 + 2  # stage 1 guided
+  assert card['evaluator'] == dict(inception_preprocess='tf1', pr_distances='float16',
+                                   is_split_size=5000, inception_weights=None)
   assert card['labels'] == 'uniform' and card['num_samples'] == N
   with open(c.eval.reference_batch, 'rb') as f:
     assert card['reference_batch_sha256'] == hashlib.sha256(f.read()).hexdigest()

@@ -255,9 +255,10 @@ def test_evaluate_end_to_end(torch_model_file, tmp_path):
   _, path = torch_model_file
   rng = np.random.default_rng(2)
   ref_images = rng.integers(0, 256, size=(5, 64, 64, 3), dtype=np.uint8)
-  # Batch size 3 everywhere (5 images: one padded batch) so one program is compiled.
-  feats = inception.extract_features(inception_weights.load_pytorch_fid_weights(path),
-                                     [ref_images[:3], ref_images[3:]], 3)
+  # Batch size 3 everywhere (5 images: one padded batch) so one program is compiled; the
+  # preprocessing of evaluate()'s default (ADM's).
+  model = inception_weights.load_pytorch_fid_weights(path, preprocess_mode=inception.ADM_PREPROCESS)
+  feats = inception.extract_features(model, [ref_images[:3], ref_images[3:]], 3)
   mu, sigma = metrics.feature_stats(feats['pool'])
   mu_s, sigma_s = metrics.feature_stats(feats['spatial'])
   ref_path, same_path, other_path = (str(tmp_path / n) for n in ('r.npz', 's.npz', 'o.npz'))
@@ -270,10 +271,11 @@ def test_evaluate_end_to_end(torch_model_file, tmp_path):
   assert same['precision'] == 1.0 and same['recall'] == 1.0 and same['num_samples'] == 5
   assert same['inception_score'] == pytest.approx(
       metrics.inception_score(feats['logits'], splits=1), rel=1e-5)
+  assert (same['preprocess'], same['pr_distances'], same['is_split_size']) == (
+      'tf1', 'float16', 5000)
   other = evaluate.evaluate(other_path, ref_path, path, batch_size=3)
   # Random weights give tiny feature variances, so compare with a direct computation.
-  other_feats = inception.extract_features(
-      inception_weights.load_pytorch_fid_weights(path), [other_images[:3], other_images[3:]], 3)
+  other_feats = inception.extract_features(model, [other_images[:3], other_images[3:]], 3)
   expected_fid = metrics.fid(*metrics.feature_stats(other_feats['pool']), mu, sigma)
   expected_sfid = metrics.fid(*metrics.feature_stats(other_feats['spatial']), mu_s, sigma_s)
   assert expected_fid > 1e6 * abs(same['fid']) and expected_sfid > 1e6 * abs(same['sfid'])

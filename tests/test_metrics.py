@@ -96,6 +96,24 @@ def test_inception_score_matches_naive():
       _naive_is(probs, 60), rel=1e-10)
 
 
+def test_inception_score_default_is_adm_splitting():
+  """ADM: contiguous chunks of 5,000 (at 12,000 samples: 5,000 / 5,000 / 2,000), not 10 splits."""
+  rng = np.random.default_rng(5)
+  logits = rng.normal(scale=4, size=(12_000, 10)) + 3 * np.eye(10)[rng.integers(0, 10, 12_000)]
+  logits[:5000] *= 0.3  # chunks of different sharpness: the split rule changes the score
+  probs = np.exp(logits - logits.max(1, keepdims=True))
+  probs /= probs.sum(1, keepdims=True)
+
+  def chunk_is(p):
+    py = p.mean(0)
+    return np.exp(np.mean(np.sum(p * np.log(p / py), axis=1)))
+  adm = np.mean([chunk_is(probs[a:a + 5000]) for a in range(0, 12_000, 5000)])
+  assert metrics.inception_score(logits) == pytest.approx(adm, rel=1e-10)
+  assert metrics.inception_score(logits, split_size=5000) == pytest.approx(adm, rel=1e-10)
+  ten = metrics.inception_score(logits, splits=10)
+  assert abs(ten - adm) > 1e-3 * adm  # the other common rule gives another number
+
+
 def test_inception_score_limits():
   # Identical predictions: IS = 1; confident predictions spread over K classes: IS = K.
   assert metrics.inception_score(np.zeros((40, 7)), splits=4) == pytest.approx(1.0)
@@ -116,17 +134,74 @@ def _naive_precision_recall(ref, sample, k):
   return covered(sample, ref, radii(ref)), covered(ref, sample, radii(sample))
 
 
-@pytest.mark.parametrize('dtype', [np.float64, np.float32])
-def test_precision_recall_matches_naive(dtype):
+@pytest.mark.parametrize('distances', ['float64', 'float32'])
+def test_precision_recall_matches_naive(distances):
   rng = np.random.default_rng(1)
   ref = rng.normal(size=(120, 6))
   sample = rng.normal(size=(90, 6)) * 1.3 + 0.4
   expected = _naive_precision_recall(ref, sample, 3)
-  ours = metrics.precision_recall(ref, sample, k=3, batch_size=17, dtype=dtype)
+  ours = metrics.precision_recall(ref, sample, k=3, batch_size=17, distances=distances)
   assert 0.05 < expected[0] < 0.95 and 0.05 < expected[1] < 0.95  # A non-trivial case.
   assert ours == pytest.approx(expected, abs=1e-12)
-  radii = metrics.manifold_radii(ref, k=3, dtype=dtype)
-  assert metrics.precision_recall(ref, sample, ref_radii=radii, dtype=dtype) == ours
+  radii = metrics.manifold_radii(ref, k=3, distances=distances)
+  assert metrics.precision_recall(ref, sample, ref_radii=radii, distances=distances) == ours
+
+
+def _adm_float16_distance(u, v):
+  """One pair, as ADM's TF block in float16: |u|^2 - 2 u.v + |v|^2, each result rounded to
+  float16 (sums and the product accumulated in float32), then clipped at 0."""
+  h = lambda x: np.float16(x)
+  u16, v16 = u.astype(np.float16).astype(np.float64), v.astype(np.float16).astype(np.float64)
+  nu = h(np.sum(np.float32(h(u16 ** 2))))
+  nv = h(np.sum(np.float32(h(v16 ** 2))))
+  uv = h(np.dot(u16, v16))
+  return max(float(h(h(nu - h(2 * uv)) + nv)), 0.0)
+
+
+def _naive_adm_float16_pr(ref, sample, k):
+  def radii(x):
+    return [sorted(_adm_float16_distance(p, q) for q in x)[k] for p in x]
+
+  def covered(points, centers, r):
+    return np.mean([any(_adm_float16_distance(p, c) <= rc for c, rc in zip(centers, r))
+                    for p in points])
+
+  return covered(sample, ref, radii(ref)), covered(ref, sample, radii(sample))
+
+
+def _inception_like(rng, n, d=48, scale=2.0):
+  """Non-negative (post-ReLU) activations with |x|^2 in the hundreds, as pool_3 features."""
+  return np.maximum(rng.normal(loc=1.0, scale=scale, size=(n, d)), 0).astype(np.float32)
+
+
+def test_precision_recall_float16_is_adm_default():
+  """float16 distances (the default) equal a per-pair ADM float16 reference exactly, and differ
+  from float32 ones: squared norms ~250 are rounded to multiples of 0.125 in float16."""
+  rng = np.random.default_rng(3)
+  ref = _inception_like(rng, 70)
+  sample = _inception_like(rng, 50) * 1.05 + 0.02
+  assert metrics.precision_recall(ref, sample) == metrics.precision_recall(
+      ref, sample, distances='float16')
+  ours = metrics.precision_recall(ref, sample, k=3, batch_size=16)
+  assert ours == pytest.approx(_naive_adm_float16_pr(ref, sample, 3), abs=1e-12)
+  r16 = metrics.manifold_radii(ref, k=3)
+  r32 = metrics.manifold_radii(ref, k=3, distances='float32')
+  assert np.all(r16.astype(np.float16) == r16)  # float16 values
+  assert not np.array_equal(r16, r32)
+  np.testing.assert_allclose(r16, r32, rtol=5e-3)
+
+
+def test_precision_recall_float16_overflow_falls_back_to_float32():
+  """Squared norms beyond float16's 65504 overflow: those blocks are recomputed in float32."""
+  rng = np.random.default_rng(4)
+  ref, sample = _inception_like(rng, 40) * 40, _inception_like(rng, 30) * 40
+  assert (ref.astype(np.float64) ** 2).sum(1).min() > np.finfo(np.float16).max
+  assert metrics.precision_recall(ref, sample) == metrics.precision_recall(
+      ref, sample, distances='float32')
+  np.testing.assert_array_equal(metrics.manifold_radii(ref),
+                                metrics.manifold_radii(ref, distances='float32'))
+  with pytest.raises(ValueError, match='float16'):
+    metrics.precision_recall(ref, sample, distances='half')
 
 
 def test_precision_recall_limits():

@@ -191,3 +191,95 @@ def test_inference_generates_per_index_samples_in_any_batch_size():
   assert not np.allclose(a[0], a[1])  # different indices, different samples
   finest = model.generate(labels, seed=3, force_finest=True)
   assert not np.allclose(a, finest)  # the override reached the sampler
+class RecordingStageField(nnx.Module):
+  """v = -a_stage x + t + c_stage (y + 1) for labels, t only for the null label; records every call.
+
+  The stage changes the field and the label separates the conditional from the unconditional
+  pass, so the inputs of each call reveal which stage and CFG scale the previous one used.
+  """
+  A, C = (0.3, 0.9, 1.7), (1.0, 2.0, 3.0)
+
+  def __init__(self, null: int):
+    self.null = null
+    self.calls = []  # (stage, t (B,), y (B,), x (B, ...)) per model call, in call order
+    self.dummy = nnx.Param(jnp.zeros(()))
+
+  def __call__(self, x, t, y, stage):
+    jax.debug.callback(lambda *a: self.calls.append((stage,) + tuple(map(np.asarray, a))),
+                       t, y, x, ordered=True)
+    cond = jnp.where(y == self.null, 0.0, self.C[stage] * (y + 1.0))
+    return (-self.A[stage] * x + (t + cond)[:, None, None, None]) + self.dummy
+
+  @classmethod
+  def velocity(cls, x, t, y, stage):
+    return -cls.A[stage] * x + t + cls.C[stage] * (y + 1.0)
+
+
+def reference_trace(boundaries, scales, method, num_steps, y, x0, finest_only):
+  """The evaluations the official rules prescribe, integrated in float64 on the host.
+
+  Stage of t: the number of boundaries strictly below t (a boundary time is coarser); the scale
+  follows t's stage also when the finest patch is forced; scale 1.0 runs no unconditional pass.
+  Returns [(stage, t, scale, x)] per evaluation and x(1).
+  """
+  grid = np.linspace(0.0, 1.0, num_steps)
+  stage_of = lambda t: sum(t > b for b in boundaries)
+  trace, x = [], np.asarray(x0, np.float64)
+
+  def v(x, t):
+    s = scales[stage_of(t)]
+    stage = len(scales) - 1 if finest_only else stage_of(t)
+    trace.append((stage, t, s, x))
+    cond = RecordingStageField.velocity(x, t, y, stage)
+    uncond = -RecordingStageField.A[stage] * x + t
+    return uncond + s * (cond - uncond)
+
+  for t, t_next in zip(grid[:-1], grid[1:]):
+    dt = t_next - t
+    v1 = v(x, t)
+    x = x + dt * v1 if method == 'euler' else x + 0.5 * dt * (v1 + v(x + dt * v1, t_next))
+  return trace, x
+
+
+@pytest.mark.parametrize('finest_only', [False, True])
+@pytest.mark.parametrize('method', ['euler', 'heun'])
+@pytest.mark.parametrize('num_stages, num_steps', [
+    (2, 11),   # boundary 0.5 on a grid point: predictor and corrector at t = 0.5 are coarse
+    (2, 8),    # boundary inside a Heun step: the step is split across two programs
+    (3, 21),   # 0.5 and 0.75 both on grid points
+    (3, 10),   # neither on a grid point
+    (3, 5),    # 0.5 and 0.75 on grid points of a coarse grid: a stage holds one step
+])
+def test_every_evaluation_uses_its_stage_and_scale(num_stages, num_steps, method, finest_only):
+  """Replays each model call against the official rules: stage, time, passes and input x."""
+  scales = (1.0, 2.5, 4.0)[:num_stages]
+  config = tiny_config(num_stages, hw=4, cfg_scales=scales)
+  schedule = stages.from_config(config)
+  spec = sampling.SamplerSpec(method=method, num_steps=num_steps, force_finest=finest_only)
+  null, y = 5, np.array([1, 3])
+  x0 = np.asarray(jax.random.normal(jax.random.key(0), (2, 4, 4, 2)))
+  model = RecordingStageField(null)
+  graphdef, state = nnx.split(model)
+  sampler = sampling.Sampler(graphdef, schedule, spec, null)
+  x1 = sampler.sample(state, jnp.asarray(x0), jnp.asarray(y))
+  jax.effects_barrier()
+  expected, ref_x1 = reference_trace(schedule.boundaries, scales, method, num_steps,
+                                     y[:, None, None, None], x0, finest_only)
+  assert len(model.calls) == len(expected)
+  for k, ((stage, t, labels, x), (e_stage, e_t, e_scale, e_x)) in enumerate(
+      zip(model.calls, expected)):
+    where = f'evaluation {k} at t = {e_t:.4f}'
+    assert stage == e_stage, where
+    np.testing.assert_allclose(t, e_t, atol=1e-6, err_msg=where)
+    guided = e_scale != 1.0
+    # A guided call runs each sample's two passes as rows 2i (label) and 2i + 1 (null).
+    expected_labels = np.stack([y, [null] * 2], axis=1).reshape(-1) if guided else y
+    np.testing.assert_array_equal(labels, expected_labels, where)
+    # x carries every earlier scale: a wrong scale at evaluation k shows in evaluation k + 1.
+    np.testing.assert_allclose(x[::2] if guided else x, e_x, rtol=1e-4, atol=1e-4, err_msg=where)
+  np.testing.assert_allclose(x1, ref_x1, rtol=1e-4, atol=1e-4)
+  # The shared count sees the same evaluations.
+  listed = sampling.evaluations(schedule, spec)
+  assert [(e.stage, e.cfg_scale) for e in listed] == [(s, c) for s, _, c, _ in expected]
+  passes = sum(1 + (c != 1.0) for _, _, c, _ in expected)
+  assert sum(sampling.forward_passes(schedule, spec)) == passes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -103,6 +104,15 @@ def test_main_default_runlocal_end_to_end(tmp_path):
   for name in ('samples.png', 'loss.png', 'report.md', 'report.json', 'metrics.jsonl'):
     assert (workdir / name).exists(), name
   assert 'speed-up' in (workdir / 'report.md').read_text()
+  # Like for like: both rows skip the unconditional pass on the scale-1.0 stage (t <= 0.5).
+  rep = json.loads((workdir / 'report.json').read_text())
+  groups = lambda row: sorted((tuple(g['patch']), g['passes'], g['evaluations'])
+                              for g in rep[f'{row}_ms_per_evaluation'])
+  assert groups('ppf') == [((2, 2), 2, 3), ((4, 4), 1, 3)]
+  assert groups('finest') == [((2, 2), 1, 3), ((2, 2), 2, 3)]
+  assert rep['ppf_forward_passes'] == rep['finest_forward_passes'] == 9
+  assert rep['flops_speedup_bound'] == pytest.approx(1 / rep['flops_ratio'])
+  assert rep['flops_ratio'] > rep['flops_ratio_without_cfg']  # guided passes are all 2x2
   # TensorBoard: every logged scalar at steps 3 and 6, the periodic grid as an image.
   events = summary.read_events(str(workdir / 'tensorboard'))
   for tag in ('loss/total', 'loss/stage0', 'loss/stage1', 'train/grad_norm', 'train/lr',

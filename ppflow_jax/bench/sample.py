@@ -15,7 +15,6 @@ repeats; medians and spreads (min/max, IQR) are reported.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import jax
 from absl import app, flags
@@ -26,11 +25,6 @@ from ppflow_jax import inference
 from ppflow_jax import sampling
 from ppflow_jax.bench import common
 from ppflow_jax.models import build_model
-
-
-def _segment_evals(seg: sampling.Segment, spec: sampling.SamplerSpec) -> int:
-  per_step = 2 if spec.method == 'heun' else 1
-  return per_step * (seg.stop - seg.start) + seg.finish_pending + seg.begin_crossing
 
 
 def bench_model(name: str, opts: dict, spec: sampling.SamplerSpec, seed: int = 0) -> dict:
@@ -45,23 +39,15 @@ def bench_model(name: str, opts: dict, spec: sampling.SamplerSpec, seed: int = 0
   noise = jax.random.normal(k_noise, (b, config.latent.height, config.latent.width,
                                       config.latent.channels))
   labels = jax.random.randint(k_label, (b,), 0, config.model.num_classes)
-  evals = [0] * len(schedule)
-  for seg in sampler.segments:
-    evals[seg.stage] += _segment_evals(seg, spec)
+  evals = sampling.num_evaluations(schedule, spec)
 
   def run() -> tuple[float, list[float]]:
     """One sampling call -> (seconds, seconds per stage), each segment timed to completion."""
+    _, timing = sampling.timed_sample(sampler, state, noise, labels)
     per_stage = [0.0] * len(schedule)
-    last = start = time.perf_counter()
-
-    def on_segment(seg, x):
-      nonlocal last
-      jax.block_until_ready(x)
-      now = time.perf_counter()
-      per_stage[seg.stage] += now - last
-      last = now
-    jax.block_until_ready(sampler.sample(state, noise, labels, on_segment=on_segment))
-    return time.perf_counter() - start, per_stage
+    for (stage, _), sec in timing.groups.items():
+      per_stage[stage] += sec
+    return timing.seconds, per_stage
 
   first, _ = run()
   runs = [run() for _ in range(opts['repeats'])]

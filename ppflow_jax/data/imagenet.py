@@ -8,10 +8,40 @@ Reading uses `tfds.data_source` (random access, PIL decoding) and grain; images 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from ppflow_jax.data import transforms
+
+BUILD = ('Build it once with `tfds build imagenet2012 --data_dir=DATA_DIR --manual_dir=TARS_DIR '
+         '--file_format=array_record` (needs TensorFlow in that environment) and set '
+         '--config.data.path=DATA_DIR.')
+
+
+def check_data_dir(data_dir: str, split: str) -> None:
+  """Raises FileNotFoundError (one line: what is wrong, what to do) unless `data_dir` holds an
+  array_record build of imagenet2012 with `split`."""
+  where = f'config.data.path={data_dir!r}'
+  root = epath.Path(data_dir) / 'imagenet2012'
+  if not epath.Path(data_dir).is_dir():
+    raise FileNotFoundError(f'{where} is not a directory. {BUILD}')
+  infos = sorted(root.glob('*/dataset_info.json')) if root.is_dir() else []
+  if not infos:
+    found = sorted(p.name for p in epath.Path(data_dir).iterdir())[:5]
+    raise FileNotFoundError(f'{where} holds no imagenet2012/<version>/dataset_info.json (it holds '
+                            f'{found or "nothing"}); point it at the --data_dir given to tfds '
+                            f'build, not at the tars or a version directory. {BUILD}')
+  info = json.loads(infos[-1].read_text())
+  file_format = info.get('fileFormat', 'tfrecord')
+  if file_format != 'array_record':
+    raise FileNotFoundError(f'{infos[-1].parent} was built as {file_format}; random access needs '
+                            f'array_record. {BUILD}')
+  splits = [s['name'] for s in info.get('splits', [])]
+  if split not in splits:
+    raise FileNotFoundError(f'{infos[-1].parent} has the splits {splits}, not {split!r}.')
 
 
 class ImageNetSource:
@@ -19,15 +49,10 @@ class ImageNetSource:
 
   def __init__(self, data_dir: str, image_size: int, split: str = 'train'):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    try:
-      self._source = tfds.data_source('imagenet2012', split=split, data_dir=data_dir or None,
-                                      download=False)
-    except Exception as e:  # tfds raises several types for a missing or non-array_record build.
-      raise FileNotFoundError(
-          f'imagenet2012 ({split}) in array_record format not found in data_dir={data_dir!r} '
-          f'({type(e).__name__}: {e}). Build it once with `tfds build imagenet2012 '
-          '--data_dir=DATA_DIR --manual_dir=TARS_DIR --file_format=array_record` (needs '
-          'TensorFlow in that environment) and set --config.data.path=DATA_DIR.') from e
+    data_dir = data_dir or tfds.core.constants.DATA_DIR  # '' = tfds's default (~/tensorflow_datasets)
+    check_data_dir(data_dir, split)
+    self._source = tfds.data_source('imagenet2012', split=split, data_dir=data_dir,
+                                    download=False)
     self.image_size = image_size
 
   def __len__(self) -> int:

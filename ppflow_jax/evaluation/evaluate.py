@@ -7,7 +7,10 @@ Inception Score, improved precision and recall, without TensorFlow.
 
 As ADM's `evaluator.py`: FID / sFID of the samples' pool_3 / spatial statistics against the
 reference `mu, sigma` / `mu_s, sigma_s`; IS over chunks of 5000 samples; precision / recall with
-k = 3 between the pool_3 features of the reference images (`arr_0`) and of the samples.
+k = 3 between the pool_3 features of the reference images (`arr_0`) and of the samples, with
+float16 distances (float32 where a block overflows). Defaults are the ADM-closest choices
+(`--preprocess=tf1`, `--pr_distances=float16`, `--is_split_size=5000`); docs/evaluation.md says
+how close the numbers are to ADM's TensorFlow suite.
 """
 
 from __future__ import annotations
@@ -31,14 +34,20 @@ def define_flags() -> None:
                       "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or a .safetensors copy).")
   flags.DEFINE_string('out', '', 'Optional JSON file for the metrics.')
   flags.DEFINE_integer('batch_size', 100, 'Images per Inception forward pass.')
-  flags.DEFINE_enum('preprocess', 'pytorch_fid', list(inception.PREPROCESS_MODES),
-                    "Resize + scaling before Inception: pytorch-fid's, or an emulation of the TF "
-                    "graph's ('tf1').")
-  flags.DEFINE_integer('is_split_size', 5000, 'Samples per IS split (ADM: 5000).')
+  flags.DEFINE_enum('preprocess', inception.ADM_PREPROCESS, list(inception.PREPROCESS_MODES),
+                    "Resize + scaling before Inception: 'tf1' emulates the ops of ADM's TF graph "
+                    "(ADM-closest), 'pytorch_fid' is pytorch-fid's.")
+  flags.DEFINE_integer('is_split_size', metrics.ADM_IS_SPLIT_SIZE,
+                       'Samples per IS split (ADM: 5000).')
+  flags.DEFINE_enum('pr_distances', 'float16', list(metrics.PR_DISTANCES),
+                    'Precision/recall distance precision (ADM: float16 with a float32 fallback '
+                    'on overflow).')
 
 
 def evaluate(samples_path: str, reference_path: str, weights_path: str, batch_size: int = 100,
-             preprocess: str = 'pytorch_fid', is_split_size: int = 5000) -> dict:
+             preprocess: str = inception.ADM_PREPROCESS,
+             is_split_size: int = metrics.ADM_IS_SPLIT_SIZE,
+             pr_distances: str = 'float16') -> dict:
   """Returns {fid, sfid, inception_score, precision, recall, num_samples, ...} (floats, ints)."""
   ref = metrics.load_reference_batch(reference_path)
   model = inception_weights.load_pytorch_fid_weights(weights_path, preprocess_mode=preprocess)
@@ -56,11 +65,13 @@ def evaluate(samples_path: str, reference_path: str, weights_path: str, batch_si
       inception_score=metrics.inception_score(feats['logits'], split_size=is_split_size),
       precision=None, recall=None,
       num_samples=len(feats['pool']), num_reference_images=ref.num_images,
-      preprocess=preprocess, inception_weights=os.path.basename(weights_path))
+      preprocess=preprocess, is_split_size=is_split_size, pr_distances=pr_distances,
+      inception_weights=os.path.basename(weights_path))
   if ref.num_images:
     logging.info('Inception features of the %d reference images ...', ref.num_images)
     ref_pool = inception.extract_features(model, ref.iter_images(batch_size), batch_size)['pool']
-    result['precision'], result['recall'] = metrics.precision_recall(ref_pool, feats['pool'], k=3)
+    result['precision'], result['recall'] = metrics.precision_recall(ref_pool, feats['pool'], k=3,
+                                                                  distances=pr_distances)
   else:
     logging.warning('%s has no images (arr_0): precision/recall not computed.', reference_path)
   return result
@@ -73,7 +84,7 @@ def main(argv):
     if not f[name].value:
       raise app.UsageError(f'--{name} is required')
   result = evaluate(f.samples, f.reference, f.inception_weights, f.batch_size, f.preprocess,
-                    f.is_split_size)
+                    f.is_split_size, f.pr_distances)
   text = json.dumps(result, indent=2)
   print(text)
   if f.out:

@@ -26,6 +26,7 @@ from flax import nnx
 from ppflow_jax.data import fashion_mnist
 from ppflow_jax.evaluation import metrics
 
+_PR_DISTANCES = 'float16'  # precision/recall distances, as ADM's evaluator.
 ARCH_VERSION = 1           # Bump when the classifier or its training changes: invalidates caches.
 TRAIN_EXAMPLES = 55_000    # First 55k train images; the rest are held out.
 DEFAULT_TRAIN_STEPS = 1300  # ~3 epochs at batch 128: >= 88% test accuracy (see docs/evaluation.md).
@@ -184,15 +185,19 @@ class FMNISTEvaluator:
   def _load_or_build_reference(self, path: str, digest: str, data_path: str) -> dict:
     try:
       with np.load(path) as f:
-        if str(f['classifier_sha256']) == digest:
+        # Radii computed with other distances (older caches: float32) would not match score().
+        if (str(f['classifier_sha256']) == digest
+            and str(f['radii_distances']) == _PR_DISTANCES):
           return {k: f[k] for k in ('mu', 'sigma', 'features', 'radii')}
     except Exception as e:  # Missing, corrupt or stale: rebuilt below.
       logging.info('Fashion-MNIST reference statistics %s not usable (%s): computing.', path, e)
     images, _ = fashion_mnist.load(data_path, 'test')
     features = self.features(_to_float(images))
     mu, sigma = metrics.feature_stats(features)
-    ref = dict(mu=mu, sigma=sigma, features=features, radii=metrics.manifold_radii(features, k=3))
-    _save_npz_atomic(path, **ref, classifier_sha256=np.array(digest))
+    ref = dict(mu=mu, sigma=sigma, features=features,
+               radii=metrics.manifold_radii(features, k=3, distances=_PR_DISTANCES))
+    _save_npz_atomic(path, **ref, classifier_sha256=np.array(digest),
+                     radii_distances=np.array(_PR_DISTANCES))
     return ref
 
   @staticmethod
@@ -228,6 +233,7 @@ class FMNISTEvaluator:
     feats = _batched(lambda x: self._features(self._state, x), images, self.batch_size)
     mu, sigma = metrics.feature_stats(feats)
     precision, recall = metrics.precision_recall(self._ref['features'], feats, k=3,
+                                                 distances=_PR_DISTANCES,
                                                  ref_radii=self._ref['radii'])
     out = dict(fid=metrics.fid(mu, sigma, self._ref['mu'], self._ref['sigma']),
                precision=precision, recall=recall, accuracy_of_labels=None)

@@ -20,11 +20,11 @@ Outputs (see `InceptionV3.__call__`):
 
 Preprocessing (`preprocess`): images (B, H, W, 3) uint8 or float in [0, 255], any size,
 bilinearly resized to 299 x 299 and mapped to about [-1, 1]:
-  'pytorch_fid' (default): `F.interpolate(bilinear, align_corners=False)` (half-pixel centres)
+  'pytorch_fid': `F.interpolate(bilinear, align_corners=False)` (half-pixel centres)
       and x / 127.5 - 1, as pytorch-fid.
-  'tf1': TF1 `resize_bilinear(align_corners=False)` (source = dest * in/out, no half-pixel
-      offset) and (x - 128) / 128, the ops inside the TF graph that ADM runs. Emulated, not
-      checked against the graph here (no TensorFlow).
+  'tf1' (the evaluation default, `ADM_PREPROCESS`): TF1 `resize_bilinear(align_corners=False)`
+      (source = dest * in/out, no half-pixel offset) and (x - 128) / 128, the ops inside the TF
+      graph that ADM runs. Emulated, not checked against the graph here (no TensorFlow).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from flax import nnx
 NUM_CLASSES = 1008
 SPATIAL_CHANNELS = 7  # ADM: mixed_6/conv[..., :7].
 PREPROCESS_MODES = ('pytorch_fid', 'tf1')
+ADM_PREPROCESS = 'tf1'  # the evaluation default: the ADM-closest of PREPROCESS_MODES.
 
 
 class BasicConv(nnx.Module):

@@ -2,7 +2,8 @@
 improved precision/recall, plus readers for ADM reference and sample batches (`.npz`).
 
 Everything that feeds a reported number is float64 except the pairwise distances of
-precision/recall (float32 by default; ADM itself uses float16 with a float32 fallback). The
+precision/recall: float16 with a float32 fallback per block by default, as ADM's evaluator
+(`distances='float32'` or `'float64'` on request). The
 metric functions know nothing about the network that produced the features: the Inception
 features (`inception.py`) and the Fashion-MNIST classifier features (`fmnist_features.py`) go
 through the same code.
@@ -66,16 +67,21 @@ def fid(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-def inception_score(scores: np.ndarray, splits: int = 10, *, from_logits: bool = True,
-                    split_size: int | None = None) -> float:
+ADM_IS_SPLIT_SIZE = 5000  # ADM's evaluator: IS over contiguous chunks of 5,000 samples.
+PR_DISTANCES = ('float16', 'float32', 'float64')
+
+
+def inception_score(scores: np.ndarray, split_size: int | None = ADM_IS_SPLIT_SIZE, *,
+                    from_logits: bool = True, splits: int | None = None) -> float:
   """Inception Score: mean over splits of exp(mean_x KL(p(y|x) || p(y))), p(y) per split.
 
   Args:
     scores: (N, K) logits (`from_logits=True`, softmax applied here in float64) or
       probabilities (`from_logits=False`; rows must sum to 1).
-    splits: number of contiguous, near-equal splits (`np.array_split`).
-    split_size: if given, contiguous chunks of this size instead (ADM: 5000, the last chunk may
-      be shorter); for N = 50,000 the ADM chunks and `splits=10` coincide.
+    split_size: ADM's rule (default): contiguous chunks of this many samples, the last one
+      possibly shorter (at N = 50,000: 10 splits; at 12,000: 5,000 / 5,000 / 2,000).
+    splits: instead, this many contiguous near-equal splits (`np.array_split`, torch-fidelity's
+      and pytorch-gan-metrics' rule); it differs from ADM's unless N = splits * 5,000.
   """
   scores = np.asarray(scores, np.float64)
   if scores.ndim != 2:
@@ -90,15 +96,15 @@ def inception_score(scores: np.ndarray, splits: int = 10, *, from_logits: bool =
     with np.errstate(divide='ignore'):
       logp = np.log(scores)
   p = np.exp(logp)
-  if split_size is not None:
-    if split_size < 1:
-      raise ValueError(f'inception_score: split_size={split_size} must be >= 1')
-    parts = [slice(b, b + split_size) for b in range(0, len(p), split_size)]
-  else:
+  if splits is not None:
     if not 1 <= splits <= len(p):
       raise ValueError(f'inception_score: splits={splits} must be in [1, N={len(p)}]')
     edges = np.cumsum([0] + [len(a) for a in np.array_split(np.arange(len(p)), splits)])
     parts = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+  else:
+    if split_size is None or split_size < 1:
+      raise ValueError(f'inception_score: split_size={split_size} must be >= 1 (or give splits)')
+    parts = [slice(b, b + split_size) for b in range(0, len(p), split_size)]
   split_scores = []
   for part in parts:
     pp, lp = p[part], logp[part]
@@ -109,64 +115,101 @@ def inception_score(scores: np.ndarray, splits: int = 10, *, from_logits: bool =
   return float(np.mean(split_scores))
 
 
-def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """Squared Euclidean distances (A, B) between rows of `a: (A, D)` and `b: (B, D)`."""
+def _sq_dists_float16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """ADM's float16 distance block: inputs, squared norms, the product and every sum rounded to
+  float16 (reductions and the matrix product accumulate in float32, as on a GPU)."""
+  f32 = lambda x: x.astype(np.float32)
+  with np.errstate(over='ignore', invalid='ignore'):  # overflow -> inf -> the float32 fallback
+    a16, b16 = a.astype(np.float16), b.astype(np.float16)
+    norm_a = np.square(a16).astype(np.float32).sum(1).astype(np.float16)
+    norm_b = np.square(b16).astype(np.float32).sum(1).astype(np.float16)
+    prod = (f32(a16) @ f32(b16).T).astype(np.float16)
+    d = norm_a[:, None] - np.float16(2) * prod + norm_b[None, :]
+  return np.maximum(d, np.float16(0))
+
+
+def _sq_dists(a: np.ndarray, b: np.ndarray, distances: str = 'float32') -> np.ndarray:
+  """Squared Euclidean distances (A, B) between rows of `a: (A, D)` and `b: (B, D)`.
+
+  'float16': ADM's block (`_sq_dists_float16`), redone in float32 when any entry overflows
+  (ADM's fallback, also decided per block); the result is float32 then.
+  """
+  if distances == 'float16':
+    d = _sq_dists_float16(a, b)
+    if np.all(np.isfinite(d)):
+      return d.astype(np.float32)
+    distances = 'float32'
+  a, b = np.asarray(a, distances), np.asarray(b, distances)
+  if np.shares_memory(a, b):  # BLAS would take its symmetric (syrk) path for a block against
+    b = b.copy()              # itself: keep the arithmetic of every block the same.
   d = (a * a).sum(1)[:, None] - 2 * (a @ b.T) + (b * b).sum(1)[None, :]
   return np.maximum(d, 0)
 
 
+def _check_distances(distances: str) -> None:
+  if distances not in PR_DISTANCES:
+    raise ValueError(f'precision/recall distances={distances!r} must be one of {PR_DISTANCES} '
+                     "('float16' = ADM's evaluator)")
+
+
 def manifold_radii(features: np.ndarray, k: int = 3, batch_size: int = 1000,
-                   dtype=np.float32) -> np.ndarray:
+                   distances: str = 'float16') -> np.ndarray:
   """Squared distance from each row of `features: (N, D)` to its k-th nearest other row -> (N,).
 
   As ADM's `ManifoldEstimator`: the k-th smallest distance counting the point itself at index 0
   (so a duplicate point counts as a neighbour). Rows are processed `batch_size` at a time, so
-  memory is O(batch_size * N).
+  memory is O(batch_size * N); `distances` as `precision_recall`.
   """
-  f = np.asarray(features, dtype)
+  _check_distances(distances)
+  f = np.asarray(features, np.float64 if distances == 'float64' else np.float32)
   if f.ndim != 2 or len(f) <= k:
     raise ValueError(f'manifold_radii needs (N > k={k}, D) features, got {f.shape}')
-  radii = np.empty(len(f), dtype)
+  radii = np.empty(len(f), np.float64 if distances == 'float64' else np.float32)
   for s in range(0, len(f), batch_size):
-    d = _sq_dists(f[s:s + batch_size], f)
+    d = np.concatenate([_sq_dists(f[s:s + batch_size], f[t:t + batch_size], distances)
+                        for t in range(0, len(f), batch_size)], axis=1)
     radii[s:s + batch_size] = np.partition(d, k, axis=1)[:, k]
   return radii
 
 
 def _coverage(points: np.ndarray, centers: np.ndarray, radii: np.ndarray,
-              batch_size: int) -> float:
+              batch_size: int, distances: str) -> float:
   """Fraction of `points: (P, D)` inside at least one ball (centers: (C, D), squared radii: (C,))."""
   inside = np.zeros(len(points), bool)
   for s in range(0, len(points), batch_size):
     for t in range(0, len(centers), batch_size):
-      d = _sq_dists(points[s:s + batch_size], centers[t:t + batch_size])
+      d = _sq_dists(points[s:s + batch_size], centers[t:t + batch_size], distances)
       inside[s:s + batch_size] |= (d <= radii[None, t:t + batch_size]).any(axis=1)
   return float(inside.mean())
 
 
 def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray, k: int = 3,
-                     batch_size: int = 1000, dtype=np.float32,
+                     batch_size: int = 1000, distances: str = 'float16',
                      ref_radii: np.ndarray | None = None) -> tuple[float, float]:
   """Improved precision and recall (Kynkäänniemi et al. 2019), as ADM's evaluator.
 
   precision: fraction of samples inside the reference manifold (union of balls around each
   reference point with radius = distance to its k-th nearest reference neighbour); recall: the
   fraction of reference points inside the sample manifold. ref: (N, D), sample: (M, D).
-  Distances are computed in `dtype` blocks of `batch_size` rows (50k x 10k fits easily).
-  `ref_radii`: the reference's `manifold_radii(ref_features, k)`, if already computed.
+  Distances are computed in blocks of `batch_size` rows, in `distances` precision: 'float16'
+  (ADM's default, with its float32 fallback for a block that overflows), 'float32' (ADM's
+  fallback everywhere) or 'float64'. `ref_radii`: `manifold_radii(ref_features, k, ...)` with
+  the same `distances`, if already computed.
   """
+  _check_distances(distances)
+  dtype = np.float64 if distances == 'float64' else np.float32
   ref = np.asarray(ref_features, dtype)
   sample = np.asarray(sample_features, dtype)
   if ref.ndim != 2 or sample.ndim != 2 or ref.shape[1] != sample.shape[1]:
     raise ValueError(f'precision_recall needs (N, D) and (M, D) features, got {ref.shape} and '
                      f'{sample.shape}')
   if ref_radii is None:
-    ref_radii = manifold_radii(ref, k, batch_size, dtype)
+    ref_radii = manifold_radii(ref, k, batch_size, distances)
   elif ref_radii.shape != (len(ref),):
     raise ValueError(f'ref_radii has shape {ref_radii.shape}, expected ({len(ref)},)')
-  sample_radii = manifold_radii(sample, k, batch_size, dtype)
-  precision = _coverage(sample, ref, ref_radii, batch_size)
-  recall = _coverage(ref, sample, sample_radii, batch_size)
+  sample_radii = manifold_radii(sample, k, batch_size, distances)
+  precision = _coverage(sample, ref, ref_radii, batch_size, distances)
+  recall = _coverage(ref, sample, sample_radii, batch_size, distances)
   return precision, recall
 
 

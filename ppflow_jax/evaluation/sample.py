@@ -20,6 +20,7 @@ precision / recall (fmnist_features.py).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -40,6 +41,7 @@ from ppflow_jax import checkpoint
 from ppflow_jax import config_lib
 from ppflow_jax import inference
 from ppflow_jax import sampling
+from ppflow_jax import stages as stages_lib
 from ppflow_jax.convert import vae as vae_weights
 
 SAMPLES_DIR = 'fid_samples'
@@ -260,22 +262,31 @@ def eval_card(config: ml_collections.ConfigDict, *, checkpoint_dir: str, step: i
               samples_file: str, num_samples: int) -> dict:
   """Everything that changes the published numbers of a sample batch, as a JSON-able dict."""
   spec = sampling.SamplerSpec.from_config(config)
+  schedule = stages_lib.from_config(config)
   ref = config.eval.reference_batch
   devices = jax.devices()
+  e = config.eval
   return dict(
       checkpoint=checkpoint_dir, checkpoint_step=step,
       weights='ema' if config.sample.use_ema else 'params',
-      sampler=dict(method=spec.method, num_steps=spec.num_steps,
-                   sde_last_step=spec.sde_last_step if spec.method == 'sde' else None,
-                   force_finest=spec.force_finest, guidance=spec.guidance),
+      # Every SamplerSpec field: method, grid, CFG channels, unit-scale skip, SDE settings, ...
+      sampler=dataclasses.asdict(spec),
+      stage_rule='a time on a boundary belongs to the coarser stage (official sampler)',
+      time_direction='t = 0 noise, t = 1 data (SiT)',
       stage_patch_sizes=[list(p) for p in config.schedule.patch_sizes],
       stage_boundaries=list(config.schedule.boundaries),
       stage_cfg_scales=list(config.schedule.cfg_scales),
       cfg_channels=spec.cfg_channels, skip_unit_cfg=spec.skip_unit_cfg,
-      precision=dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype),
-      labels=config.eval.labels, num_samples=num_samples, seed=config.seed,
+      model_evaluations=sum(sampling.num_evaluations(schedule, spec)),
+      forward_passes=sum(sampling.forward_passes(schedule, spec)),
+      precision=dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                     attention=config.model.attention),
+      null_class=config.model.num_classes,
+      labels=e.labels, num_samples=num_samples, seed=config.seed,
       samples_file=os.path.abspath(samples_file),
-      vae=config.vae.path or None,
+      vae=config.vae.path or None, vae_scaling_factor=config.vae.scaling_factor,
+      evaluator=dict(inception_preprocess=e.inception_preprocess, pr_distances=e.pr_distances,
+                     is_split_size=e.is_split_size, inception_weights=e.inception_weights or None),
       reference_batch=ref or None,
       reference_batch_sha256=file_sha256(ref) if ref else None,
       code_version=code_version(), jax_version=jax.__version__,
@@ -289,7 +300,9 @@ def _metrics(config: ml_collections.ConfigDict, workdir: str, samples_file: str,
   e = config.eval
   if e.reference_batch and e.inception_weights:
     from ppflow_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
-    return dict(metrics=evaluate.evaluate(samples_file, e.reference_batch, e.inception_weights))
+    return dict(metrics=evaluate.evaluate(
+        samples_file, e.reference_batch, e.inception_weights, preprocess=e.inception_preprocess,
+        is_split_size=e.is_split_size, pr_distances=e.pr_distances))
   if config.data.source == 'fashion_mnist' and e.fmnist_fid:
     from ppflow_jax.evaluation import fmnist_features  # pylint: disable=g-import-not-at-top
     evaluator = fmnist_features.FMNISTEvaluator(os.path.join(workdir, 'fmnist_classifier'))

@@ -31,6 +31,7 @@ from absl import logging
 from ppflow_jax import config_lib
 from ppflow_jax import inference
 from ppflow_jax import loop
+from ppflow_jax import report
 from ppflow_jax import sampling
 
 
@@ -116,14 +117,16 @@ def run(workdir: str, steps: int = 0, num_samples: int = 1000, timing_repeats: i
                train_seconds=round(train_s, 1), final_loss=last_loss(vdir),
                evaluations=sum(sampling.num_evaluations(model.schedule, sampler.spec)))
     labels = np.arange(num_samples, dtype=np.int32) % config.model.num_classes
-    bs, seconds = config.sample.batch_size, ()
+    bs, timings = config.sample.batch_size, ()
     if not sampler.spec.force_finest:  # a speed reference only (2x2 untrained at t <= 0.5)
-      images, seconds = sampling.sample_in_chunks(sampler, model.params, model.latent_shape,
+      images, timings = sampling.sample_in_chunks(sampler, model.params, model.latent_shape,
                                                   labels, config.seed, bs)
       if evaluator is not None:
         row.update(evaluator.score(np.clip(images, -1.0, 1.0), labels))
-    row['sample_batch_seconds'] = float(np.median(sampling.steady_seconds(
-        sampler, model.params, model.latent_shape, labels, bs, seconds, timing_repeats)))
+    steady = sampling.steady_timings(sampler, model.params, model.latent_shape, labels, bs,
+                                     timings, timing_repeats)
+    row['sample_batch_seconds'] = float(np.median([t.seconds for t in steady]))
+    row['ms_per_evaluation'] = report.ms_per_evaluation(sampler, steady)
     row['images_per_second'] = config.sample.batch_size / row['sample_batch_seconds']
     logging.info('compare: %s', row)
     rows.append(row)

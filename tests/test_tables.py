@@ -1,0 +1,44 @@
+"""README/docs tables of measured results equal what their committed JSON files render to."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from ppflow_jax import tables
+
+
+def test_every_generated_table_matches_its_json():
+  assert tables.differences() == []
+
+
+def _copy_docs(tmp_path):
+  for t in tables.TABLES:
+    for rel in (t.artifact,) + t.docs:
+      os.makedirs(tmp_path / os.path.dirname(rel), exist_ok=True)
+      shutil.copy(os.path.join(tables.ROOT, rel), tmp_path / rel)
+
+
+def test_a_changed_number_is_caught_and_rewritten(tmp_path):
+  """Editing one number of a generated README table by hand fails the check; write() restores."""
+  _copy_docs(tmp_path)
+  readme = tmp_path / 'README.md'
+  text = readme.read_text()
+  start = text.index('<!-- table: default_report')
+  row = text.index('| PPF (stage schedule) |', start)
+  cell = text.index('|', text.index('|', row + 1) + 1) - 1  # end of the s / batch cell
+  edited = text[:row] + text[row:cell].replace('.', '.9', 1) + text[cell:]
+  assert edited != text
+  readme.write_text(edited)
+  assert any('default_report' in d for d in tables.differences(str(tmp_path)))
+  tables.write(str(tmp_path))
+  assert readme.read_text() == text and tables.differences(str(tmp_path)) == []
+
+
+def test_missing_markers_are_reported(tmp_path):
+  _copy_docs(tmp_path)
+  (tmp_path / 'docs' / 'variants.md').write_text('no table here\n')
+  with pytest.raises(ValueError, match='docs/variants.md has no block'):
+    tables.differences(str(tmp_path))
