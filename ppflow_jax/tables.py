@@ -42,7 +42,7 @@ def default_report(result: dict) -> str:
 
 
 def compare_table(result: dict) -> str:
-  from ppflow_jax import compare  # pylint: disable=g-import-not-at-top
+  from ppflow_jax.experiments import compare  # pylint: disable=g-import-not-at-top
   return _lines(compare.markdown(result['rows'], result['meta']), lambda l: l.startswith('|'))
 
 

@@ -252,7 +252,7 @@ def test_failed_save_stops_the_run_and_keeps_the_last_good_step(reference, env, 
   print(f'save of step {2 * every} failed; the run stopped after step {stopped}')
   assert 2 * every < stopped < 3 * every, stopped  # no interval of lost compute
   assert saved_steps(workdir) == [every]
-  state = checkpoint.restore_for_inference(workdir, small_config(), trainer)  # checksums verified
+  state = checkpoint.restore_for_inference(workdir, small_config(), trainer.mesh)  # checksums verified
   assert int(state.step) == every
 
   # Room again: the rerun drops the partial step 20, resumes from 10 and ends where an
@@ -511,12 +511,12 @@ def test_other_block_layout_is_converted_or_refused(reference, trainer, tmp_path
   scanned_config = small_config()
   scanned_config.model.scan_blocks = True
   scanned = Trainer(scanned_config, sharding.make_mesh(scanned_config))
-  loaded = checkpoint.load_params(str(tmp_path / 'unrolled'), scanned_config, scanned)
+  loaded = checkpoint.load_params(str(tmp_path / 'unrolled'), scanned_config, scanned.mesh)
   assert_bitwise_equal(block_stack.stack_params(params), jax.device_get(loaded), 'stacked load')
   assert (loaded['blocks']['attn']['qkv']['kernel'].sharding
           == scanned.state_sharding.params['blocks']['attn']['qkv']['kernel'])
   checkpoint.save_params(str(tmp_path / 'scanned'), jax.device_get(loaded), scanned_config)
-  back = checkpoint.load_params(str(tmp_path / 'scanned'), c, trainer)
+  back = checkpoint.load_params(str(tmp_path / 'scanned'), c, trainer.mesh)
   assert_bitwise_equal(params, jax.device_get(back), 'unstacked load')
   with pytest.raises(checkpoint.CheckpointMismatchError) as e, \
       checkpoint.Checkpointer(reference, scanned_config, scanned) as ckpt:

@@ -37,7 +37,7 @@ def test_every_module_imports_together_without_defining_flags():
 # above (README "What is where"). Entries are module names or packages (prefix + '.').
 LAYERS = (
     ('ppflow_jax.stages', 'ppflow_jax.sharding', 'ppflow_jax.ops.', 'ppflow_jax.config_lib',
-     'ppflow_jax.errors', 'ppflow_jax.paths', 'ppflow_jax.hlo'),
+     'ppflow_jax.errors', 'ppflow_jax.paths', 'ppflow_jax.hlo', 'ppflow_jax.lease'),
     ('ppflow_jax.models.', 'ppflow_jax.flow', 'ppflow_jax.packing', 'ppflow_jax.cli',
      'ppflow_jax.weights'),
     ('ppflow_jax.sampling', 'ppflow_jax.train', 'ppflow_jax.data.', 'ppflow_jax.convert.',
@@ -46,7 +46,7 @@ LAYERS = (
     ('ppflow_jax.flops', 'ppflow_jax.checkpoint', 'ppflow_jax.bench.common'),
     ('ppflow_jax.inference',),
     ('ppflow_jax.report', 'ppflow_jax.loop', 'ppflow_jax.summary', 'ppflow_jax.evaluation.'),
-    ('ppflow_jax.main', 'ppflow_jax.sample', 'ppflow_jax.aot', 'ppflow_jax.convert.__main__', 'ppflow_jax.bench.', 'ppflow_jax.experiments.'),
+    ('ppflow_jax.main', 'ppflow_jax.sample', 'ppflow_jax.aot', 'ppflow_jax.tables', 'ppflow_jax.convert.__main__', 'ppflow_jax.bench.', 'ppflow_jax.experiments.'),
 )
 
 

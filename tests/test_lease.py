@@ -13,7 +13,7 @@ import time
 
 import fsspec  # noqa: F401  (registers fsspec.registry)
 import pytest
-from conftest import ROOT
+from tests.helpers import ROOT
 from etils import epath
 from fsspec.implementations.memory import MemoryFileSystem
 
