@@ -120,7 +120,8 @@ def test_main_default_runlocal_end_to_end(tmp_path):
     assert [s for s, _ in events[tag]] == [3, 6], tag
   assert all(np.isfinite(v) and v > 0 for _, v in events['loss/total'])
   lr = config_lib.load_config('default:runlocal').train.lr
-  assert events['train/lr'][0][1] == pytest.approx(lr * 2 / 100)  # warm-up: step 3 used lr(2)
+  # float32 schedule arithmetic (CI saw 1.8e-6 relative). Warm-up: step 3 used lr(2).
+  assert events['train/lr'][0][1] == pytest.approx(lr * 2 / 100, rel=1e-5)
   [(step, grid)] = events['samples/ema']
   assert step == 6 and grid.dtype == np.uint8 and grid.shape[0] > 32
   assert (workdir / 'samples_0000006.png').exists()
