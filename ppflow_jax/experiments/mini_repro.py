@@ -205,16 +205,20 @@ def markdown(result: dict) -> str:
       f'10), same noise for every model; time = median over {timed} '
       f'batches of {result["sample_batch"]} after a compile batch, models interleaved; '
       f'{result["device"]}.', '',
-      '| model | train steps | FID | precision | recall | s / batch | speed-up | testing FLOPs |'
-      f' FID@{result["recipe"]["floor_samples"]} |',
+      f'| model | train steps | FID | precision | recall | s / batch of {result["sample_batch"]} |'
+      f' speed-up | testing FLOPs | FID@{result["recipe"]["floor_samples"]} |',
       '|---|---|---|---|---|---|---|---|---|']
+  sit_steps = result['recipe']['sit_steps']
   for r in result['rows']:
+    model = r['model'].replace('|', '\\|')  # a literal bar inside a Markdown cell
     if 'fid' in r:
-      lines.append(f'| {r["model"]} | {r["train_steps"]} | {r["fid"]:.2f} | {r["precision"]:.3f}'
+      steps = (f'{sit_steps} + {r["train_steps"] - sit_steps}' if r['train_steps'] > sit_steps
+               else str(r['train_steps']))  # fine-tunes: the SiT's steps + their own
+      lines.append(f'| {model} | {steps} | {r["fid"]:.2f} | {r["precision"]:.3f}'
                    f' | {r["recall"]:.3f} | {r["seconds_per_batch"]:.2f} | {r["speedup"]:.2f}x |'
                    f' {100 * r["flops_ratio"]:.1f}% | {r["fid_floor_n"]:.2f} |')
     else:
-      lines.append(f'| {r["model"]} | 0 | | | | | | | {r["fid_floor_n"]:.2f} |')
+      lines.append(f'| {model} | 0 | | | | | | | {r["fid_floor_n"]:.2f} |')
   lines += ['', f'FID / precision / recall: Fashion-MNIST classifier features (test accuracy '
             f'{result["classifier_test_accuracy"]:.3f}) vs the 10k test images; not Inception FID. '
             f'FID@{result["recipe"]["floor_samples"]}: the first '
