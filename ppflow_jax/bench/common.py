@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import statistics
+from typing import Callable, TypeVar
 
 import jax
 import ml_collections
@@ -19,6 +20,8 @@ from absl import app
 from absl import flags
 
 from ppflow_jax import config_lib
+
+T = TypeVar('T')
 
 # Dense bf16 peak FLOP/s per chip, matched in order against `device.device_kind` (the TPU v5e
 # and v6e report themselves as "TPU v5 lite" / "TPU v6 lite", the v5p as "TPU v5").
@@ -136,6 +139,24 @@ def spread(values: list[float]) -> dict:
   v = sorted(values)
   q = statistics.quantiles(v, n=4, method='inclusive') if len(v) > 1 else [v[0]] * 3
   return dict(median=statistics.median(v), min=v[0], max=v[-1], q1=q[0], q3=q[2], n=len(v))
+
+
+def interleaved(runs: dict[str, Callable[[], T]], repeats: int) -> dict[str, list[T]]:
+  """`repeats` rounds; each round calls every run once, in an order rotated by one per round.
+
+  Side-by-side timing: whatever load other processes add, every model sees it in every round, so
+  per-round ratios (`round_ratios`) compare like with like.
+  """
+  names, out = list(runs), {n: [] for n in runs}
+  for r in range(repeats):
+    for n in names[r % len(names):] + names[:r % len(names)]:
+      out[n].append(runs[n]())
+  return out
+
+
+def round_ratios(base: list[float], other: list[float]) -> dict:
+  """Spread of base[r] / other[r] over rounds: a speed-up measured under one load per round."""
+  return spread([b / o for b, o in zip(base, other)])
 
 
 def mfu(flops_per_second: float, device: dict) -> float | None:

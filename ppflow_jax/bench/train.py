@@ -5,7 +5,8 @@ time does not depend on the data). Per run: images/s, real (unpadded) tokens/s, 
 images/s over SiT next to its FLOPs bound (flops.training_flops: 3 x forward per image over the
 stage buckets), achieved TFLOP/s and MFU, compile time (first step minus the steady median) and
 peak device memory. Each repeat times `--steps` consecutive steps (the state is donated, as in
-training); the warm-up step is excluded; medians and spreads are reported.
+training); after one warm-up step per run, repeats run in interleaved rounds (every run once per
+round), so a speedup is the median of per-round ratios; medians and spreads are reported.
 
 With the dense-mask `xla` attention (the CPU path) a packed row attends over its full length and
 padding tokens are computed, so packed PPF runs are bounded by `packed_dense` FLOPs instead.
@@ -28,8 +29,8 @@ from ppflow_jax.bench import common
 from ppflow_jax.train import Trainer
 
 
-def bench_model(name: str, opts: dict, packing: bool, steps: int, seed: int = 0) -> dict:
-  """Times `opts['repeats']` x `steps` train steps of model `name` after one warm-up step."""
+def prepare_model(name: str, opts: dict, packing: bool, steps: int, seed: int = 0) -> dict:
+  """Model `name` with its train state and a `run` that times `steps` consecutive steps."""
   config = common.make_config(name, **opts)
   b = opts['batch']
   config.train.update(batch_size=b, packing=packing)
@@ -42,21 +43,27 @@ def bench_model(name: str, opts: dict, packing: bool, steps: int, seed: int = 0)
        'y': jax.random.randint(k_y, (b,), 0, config.model.num_classes)},
       trainer.batch_sharding)
   with jax.set_mesh(mesh):
-    state = trainer.init_state(seed)
-    jax.block_until_ready(state)
-    start = time.perf_counter()
-    state, metrics = trainer.step(state, batch)
-    jax.block_until_ready((state, metrics))
-    first = time.perf_counter() - start
-    per_step = []
-    for _ in range(opts['repeats']):
+    carry = {'state': trainer.init_state(seed)}
+  jax.block_until_ready(carry)
+
+  def run(num_steps: int = steps) -> float:
+    """Seconds per step over `num_steps` steps (the state is donated and carried on)."""
+    with jax.set_mesh(mesh):
       start = time.perf_counter()
-      for _ in range(steps):
-        state, metrics = trainer.step(state, batch)
-      jax.block_until_ready((state, metrics))
-      per_step.append((time.perf_counter() - start) / steps)
-  if not bool(jnp.isfinite(metrics['loss'])):
+      for _ in range(num_steps):
+        carry['state'], carry['metrics'] = trainer.step(carry['state'], batch)
+      jax.block_until_ready(carry)
+      return (time.perf_counter() - start) / num_steps
+
+  return dict(name=name, config=config, trainer=trainer, packing=packing, run=run, carry=carry)
+
+
+def summarize(m: dict, opts: dict, first: float, per_step: list[float]) -> dict:
+  """One run's result row from its warm-up step time and timed seconds per step."""
+  name, config, trainer, packing = m['name'], m['config'], m['trainer'], m['packing']
+  if not bool(jnp.isfinite(m['carry']['metrics']['loss'])):
     raise RuntimeError(f'{name}: the benchmarked train step produced a non-finite loss')
+  b = opts['batch']
   t = common.spread(per_step)
   tr = flops.training_flops(config)
   tokens = sum(n * trainer.schedule.num_tokens(s) for s, n in enumerate(trainer.bucket_sizes))
@@ -76,14 +83,21 @@ def bench_model(name: str, opts: dict, packing: bool, steps: int, seed: int = 0)
 
 
 def run_benchmark(opts: dict, steps: int, packings: tuple[bool, ...] = (False, True)) -> dict:
-  """Every model x packing (SiT once: one stage has nothing to pack); speedups vs the first."""
-  results = []
+  """Every model x packing (SiT once: one stage has nothing to pack), timed in interleaved
+  rounds after one warm-up step each; speedups over the first are medians of per-round ratios.
+  Every run's train state is alive at once (interleaving needs them all)."""
+  models = {}
   for name in opts['models']:
     for packing in (packings if common.MODELS[name] > 1 else packings[:1]):
-      results.append(bench_model(name, opts, packing, steps))
+      models[(name, packing)] = prepare_model(name, opts, packing, steps)
+  first = {k: m['run'](1) for k, m in models.items()}
+  runs = common.interleaved({k: m['run'] for k, m in models.items()}, opts['repeats'])
+  results = [summarize(m, opts, first[k], runs[k]) for k, m in models.items()]
+  base_key = next(iter(models))
   base = results[0]
-  for r in results:
-    r['speedup'] = r['images_per_second'] / base['images_per_second']
+  for r, k in zip(results, models):
+    r['speedup_rounds'] = common.round_ratios(runs[base_key], runs[k])
+    r['speedup'] = r['speedup_rounds']['median']
     r['speedup_flops_bound'] = base['flops_per_step'] / r['flops_per_step']
     r['speedup_vs_bound'] = r['speedup'] / r['speedup_flops_bound']
     dense = r['packed_dense_flops_per_step']

@@ -11,7 +11,7 @@ SiT next to the FLOPs bound counted with the same passes (`flops.sampling_flops`
 
 Rounds alternate (round r runs every model, JAX first on even r, torch first on odd r) after one
 warm-up trajectory per side (compiles), so load from other processes hits both sides alike;
-medians and min-max are reported. Torch is optional: without it the benchmark prints why and
+medians and min-max are reported, and a speed-up over SiT is the median of its per-round ratios. Torch is optional: without it the benchmark prints why and
 exits 0.
 
   python -m ppflow_jax.bench.vs_torch --size=S --batch=8 --steps=6 --dtype=float32 \
@@ -208,7 +208,10 @@ def run_benchmark(opts: dict, spec: sampling.SamplerSpec, torch, torch_model_cls
   for row in results:
     row['speedup_flops_bound'] = base['flops_per_image'] / row['flops_per_image']
     for side in ('jax', 'torch'):
-      row[f'{side}_speedup'] = base[f'{side}_seconds']['median'] / row[f'{side}_seconds']['median']
+      # Per-round ratios: within a round both models ran back to back under the same load.
+      row[f'{side}_speedup_rounds'] = common.round_ratios(times[base['model']][side]['total'],
+                                                          times[row['model']][side]['total'])
+      row[f'{side}_speedup'] = row[f'{side}_speedup_rounds']['median']
       row[f'{side}_speedup_vs_bound'] = row[f'{side}_speedup'] / row['speedup_flops_bound']
   return dict(benchmark='vs_torch', device=common.device_info(), torch=torch.__version__,
               torch_threads=torch.get_num_threads(), options=opts,
