@@ -200,3 +200,18 @@ def test_search_batch_counts_global_batch_over_batch_shards(monkeypatch):
   text = aot.format_search(result)
   assert 'largest train batch that fits 3 GiB per chip on v5e:2x2' in text
   assert '10 per chip = global 40' in text
+
+
+def test_search_rows_and_their_table():
+  from ppflow_jax.bench import aot as bench_aot  # pylint: disable=g-import-not-at-top
+  cmd = bench_aot.row_command('ppf_xl_2_v5e16_bmax_scan_full')
+  assert '--search_batch' in cmd and not any(c.startswith('--batch') for c in cmd)
+  with pytest.raises(ValueError, match='no _s with bmax'):
+    bench_aot.row_command('ppf_xl_2_v5e16_bmax_scan_full_s')
+  program = dict(peak_gib=15.8, lower_s=3.0, compile_s=100.0, lower_cpu_s=2.0, compile_cpu_s=90.0)
+  search = dict(batch_shards=16, remat='full', scan_blocks=True, largest_per_chip=40,
+                largest_global_batch=640, hbm_gib=16, confirmed=True, trials=[{}] * 4,
+                report=dict(programs=[program]))
+  table = bench_aot.markdown([dict(row='ppf_xl_2_v5e16_bmax_scan_full', report=search)])
+  assert ('| ppf_xl_2_v5e16_bmax_scan_full | 16 | full | True | 40 | 640 | 15.80 | 16 | yes | 4 '
+          '| 103 (92) |') in table
