@@ -169,6 +169,11 @@ def fmt(value, spec: str = '.3g') -> str:
   return '-' if value is None else format(value, spec)
 
 
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+  lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
+  return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in rows])
+
+
 def write_outputs(result: dict, headers: list[str], rows: list[list[str]], *, json_path: str,
                   markdown: bool) -> str:
   """Writes JSON (if asked) and returns the table as Markdown or aligned plain text."""
@@ -176,8 +181,6 @@ def write_outputs(result: dict, headers: list[str], rows: list[list[str]], *, js
     with open(json_path, 'w') as f:
       json.dump(result, f, indent=2)
   if markdown:
-    lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
-    lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
-    return '\n'.join(lines)
+    return markdown_table(headers, rows)
   widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
   return '\n'.join('  '.join(c.rjust(w) for c, w in zip(r, widths)) for r in [headers] + rows)
