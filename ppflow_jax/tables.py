@@ -68,6 +68,10 @@ class Table:
 TABLES = (
     Table('default_report', ('README.md',), 'docs/results/default_report.json', default_report),
     Table('compare', ('docs/variants.md',), 'docs/compare_results.json', compare_table),
+    Table('bench_sample_cpu', ('README.md', 'docs/bench.md'), 'docs/results/bench_sample_cpu.json',
+          bench_table),
+    Table('bench_train_cpu', ('README.md', 'docs/bench.md'), 'docs/results/bench_train_cpu.json',
+          bench_table),
     Table('attention_cpu', ('docs/attention.md',), 'docs/attention_cpu.json', bench_table),
     Table('mini_repro', ('docs/mini_repro.md',), 'docs/mini_repro_results.json', mini_repro_table),
     Table('mini_repro_ft50', ('docs/mini_repro.md',), 'docs/mini_repro_ft50_results.json',
