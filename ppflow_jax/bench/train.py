@@ -29,7 +29,7 @@ from ppflow_jax.bench import common
 from ppflow_jax.train import Trainer
 
 
-def prepare_model(name: str, opts: dict, packing: bool, steps: int, seed: int = 0) -> dict:
+def prepare_model(name: str, packing: bool, *, opts: dict, steps: int, seed: int = 0) -> dict:
   """Model `name` with its train state and a `run` that times `steps` consecutive steps."""
   config = common.make_config(name, **opts)
   b = opts['batch']
@@ -82,21 +82,34 @@ def summarize(m: dict, opts: dict, first: float, per_step: list[float]) -> dict:
               peak_memory_bytes=common.peak_memory_bytes())
 
 
-def run_benchmark(opts: dict, steps: int, packings: tuple[bool, ...] = (False, True)) -> dict:
-  """Every model x packing (SiT once: one stage has nothing to pack), timed in interleaved
-  rounds after one warm-up step each; speedups over the first are medians of per-round ratios.
-  Every run's train state is alive at once (interleaving needs them all)."""
-  models = {}
-  for name in opts['models']:
-    for packing in (packings if common.MODELS[name] > 1 else packings[:1]):
-      models[(name, packing)] = prepare_model(name, opts, packing, steps)
-  first = {k: m['run'](1) for k, m in models.items()}
-  runs = common.interleaved({k: m['run'] for k, m in models.items()}, opts['repeats'])
-  results = [summarize(m, opts, first[k], runs[k]) for k, m in models.items()]
-  base_key = next(iter(models))
+def run_benchmark(opts: dict, steps: int, packings: tuple[bool, ...] = (False, True),
+                  interleave: bool = True) -> dict:
+  """Every model x packing (SiT once: one stage has nothing to pack), after one warm-up step
+  each; speedups over the first are medians of per-round ratios.
+
+  interleave: time in interleaved rounds, every run's train state alive at once (a shared host:
+  every round sees one load); False times one run at a time and frees it (a dedicated
+  accelerator, where five XL train states would not fit side by side).
+  """
+  keys = [(name, packing) for name in opts['models']
+          for packing in (packings if common.MODELS[name] > 1 else packings[:1])]
+  first, runs, results = {}, {}, {}
+  if interleave:
+    models = {k: prepare_model(*k, opts=opts, steps=steps) for k in keys}
+    first = {k: m['run'](1) for k, m in models.items()}
+    runs = common.interleaved({k: m['run'] for k, m in models.items()}, opts['repeats'])
+    results = {k: summarize(m, opts, first[k], runs[k]) for k, m in models.items()}
+  else:
+    for k in keys:
+      m = prepare_model(*k, opts=opts, steps=steps)
+      first[k] = m['run'](1)
+      runs[k] = [m['run']() for _ in range(opts['repeats'])]
+      results[k] = summarize(m, opts, first[k], runs[k])
+      del m  # free this train state before the next one is built
+  results = [results[k] for k in keys]
   base = results[0]
-  for r, k in zip(results, models):
-    r['speedup_rounds'] = common.round_ratios(runs[base_key], runs[k])
+  for r, k in zip(results, keys):
+    r['speedup_rounds'] = common.round_ratios(runs[keys[0]], runs[k])
     r['speedup'] = r['speedup_rounds']['median']
     r['speedup_flops_bound'] = base['flops_per_step'] / r['flops_per_step']
     r['speedup_vs_bound'] = r['speedup'] / r['speedup_flops_bound']
