@@ -44,10 +44,7 @@ def bench_model(name: str, opts: dict, spec: sampling.SamplerSpec, seed: int = 0
   def run() -> tuple[float, list[float]]:
     """One sampling call -> (seconds, seconds per stage), each segment timed to completion."""
     _, timing = sampling.timed_sample(sampler, state, noise, labels)
-    per_stage = [0.0] * len(schedule)
-    for (stage, _), sec in timing.groups.items():
-      per_stage[stage] += sec
-    return timing.seconds, per_stage
+    return timing.seconds, timing.per_stage(len(schedule))
 
   first, _ = run()
   runs = [run() for _ in range(opts['repeats'])]

@@ -21,6 +21,7 @@ exits 0.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
@@ -28,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 
 from ppflow_jax import flops
+from ppflow_jax import inference
 from ppflow_jax import sampling
 from ppflow_jax import stages as stages_lib
 from ppflow_jax.bench import common
@@ -109,20 +110,14 @@ class TorchSampler:
     return x, per_stage
 
 
-def _jax_sampler(graphdef, state, schedule, spec, num_classes, noise, labels) -> Callable:
-  sampler = sampling.Sampler(graphdef, schedule, spec, num_classes)
+def _jax_sampler(model: inference.Inference, spec: sampling.SamplerSpec, noise: jax.Array,
+                 labels: jax.Array) -> Callable:
+  """() -> (samples, seconds per stage) of `model` sampled with `spec`."""
+  sampler = model.sampler(**dataclasses.asdict(spec))
 
   def run():
-    per_stage = [0.0] * len(schedule)
-    last = [time.perf_counter()]
-
-    def on_segment(seg, x):
-      jax.block_until_ready(x)
-      now = time.perf_counter()
-      per_stage[seg.stage] += now - last[0]
-      last[0] = now
-    x = jax.block_until_ready(sampler.sample(state, noise, labels, on_segment=on_segment))
-    return x, per_stage
+    x, timing = sampling.timed_sample(sampler, model.params, noise, labels)
+    return x, timing.per_stage(len(model.schedule))
   return run
 
 
@@ -144,15 +139,13 @@ def build_pair(name: str, opts: dict, spec: sampling.SamplerSpec, torch, torch_m
                        learn_sigma=m.learn_sigma, levels=len(schedule)).eval()
   params = sit_lib.convert_state_dict(
       {k: v.detach().numpy() for k, v in tm.state_dict().items()}, config, source='torch_ref')
-  graphdef, _ = nnx.split(sit_lib.abstract_model(config))
-  state = jax.tree.map(jnp.asarray, params)
+  model = inference.Inference.from_params(config, params)
   tm = tm.to(device)
   rng = np.random.default_rng(seed)
   b = opts['batch']
   noise = rng.standard_normal((b, lat.height, lat.width, lat.channels)).astype(np.float32)
   labels = rng.integers(0, m.num_classes, b)
-  jax_run = _jax_sampler(graphdef, state, schedule, spec, m.num_classes, jnp.asarray(noise),
-                         jnp.asarray(labels, jnp.int32))
+  jax_run = _jax_sampler(model, spec, jnp.asarray(noise), jnp.asarray(labels, jnp.int32))
   ts = TorchSampler(torch, tm, schedule, spec, m.num_classes, opts['dtype'])
   t_noise = torch.from_numpy(noise).permute(0, 3, 1, 2).contiguous().to(device)
   t_labels = torch.from_numpy(labels).to(device)

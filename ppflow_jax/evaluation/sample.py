@@ -41,7 +41,6 @@ from ppflow_jax import checkpoint
 from ppflow_jax import config_lib
 from ppflow_jax import inference
 from ppflow_jax import sampling
-from ppflow_jax import stages as stages_lib
 from ppflow_jax.convert import vae as vae_weights
 
 SAMPLES_DIR = 'fid_samples'
@@ -258,11 +257,12 @@ def checkpoint_path(workdir: str, step: int) -> str:
   return os.path.join(os.path.abspath(workdir), checkpoint.PARAMS_DIR)
 
 
-def eval_card(config: ml_collections.ConfigDict, *, checkpoint_dir: str, step: int,
-              samples_file: str, num_samples: int) -> dict:
-  """Everything that changes the published numbers of a sample batch, as a JSON-able dict."""
-  spec = sampling.SamplerSpec.from_config(config)
-  schedule = stages_lib.from_config(config)
+def eval_card(model: inference.Inference, *, checkpoint_dir: str, samples_file: str,
+              num_samples: int) -> dict:
+  """Everything that changes the published numbers of `model`'s sample batch, as a JSON-able
+  dict (its sampler's spec and schedule, the config's evaluator, the code and devices)."""
+  config, schedule, step = model.config, model.schedule, model.step
+  spec = model.sampler().spec
   ref = config.eval.reference_batch
   devices = jax.devices()
   e = config.eval
@@ -329,7 +329,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   if images is None:
     return {}
   samples_file = os.path.join(out_dir, 'samples_{}.npz'.format('x'.join(map(str, images.shape))))
-  card = eval_card(config, checkpoint_dir=checkpoint_path(workdir, step), step=step,
+  card = eval_card(model, checkpoint_dir=checkpoint_path(workdir, step),
                    samples_file=samples_file, num_samples=len(images))
   _save_npz_atomic(samples_file, arr_0=images, arr_1=labels)
   card.update(_metrics(config, workdir, samples_file, images, labels))

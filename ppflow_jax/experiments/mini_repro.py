@@ -172,7 +172,7 @@ def evaluate(recipe: Recipe, workdir: str, models: dict, seconds: dict) -> dict:
                fid_floor_n=evaluator.score(x[:nf], labels[:nf])['fid'])
     if k:
       scores = evaluator.score(x, labels[:len(x)])
-      spec = sampling.SamplerSpec.from_config(model.config)
+      spec = model.sampler().spec
       row.update(fid=scores['fid'], precision=scores['precision'], recall=scores['recall'],
                  label_accuracy=scores['accuracy_of_labels'],
                  seconds_per_batch=float(np.median(times[k])), timed_batches=len(times[k]),
