@@ -14,9 +14,10 @@ warm-up trajectory per side (compiles), so load from other processes hits both s
 medians and min-max are reported. Torch is optional: without it the benchmark prints why and
 exits 0.
 
-  python -m ppflow_jax.bench.vs_torch --size=S --batch=8 --steps=6 --dtype=float32 \
-      --cfg_scale=1.5 --rounds=3 --json=docs/vs_torch_cpu.json --markdown
-  python -m ppflow_jax.bench.vs_torch --tiny
+  python -m ppflow_jax.bench.vs_torch --config=bench:S --config.sample.batch_size=8 \
+      --config.model.dtype=float32 --steps=6 --cfg_scale=1.5 --rounds=3 \
+      --json=docs/vs_torch_cpu.json --markdown
+  python -m ppflow_jax.bench.vs_torch --config=bench:tiny --steps=4 --rounds=2
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
+from ppflow_jax import cli
 from ppflow_jax import flops
 from ppflow_jax import inference
 from ppflow_jax import sampling
@@ -125,7 +127,7 @@ def build_pair(name: str, opts: dict, spec: sampling.SamplerSpec, torch, torch_m
                seed: int = 0) -> dict:
   """Both samplers of model `name` with identical weights, noise and labels."""
   cfg_scales = PAPER_CFG[name] if opts['paper_cfg'] else None
-  config = common.make_config(name, **opts, cfg_scales=cfg_scales)
+  config = common.make_config(name, opts, cfg_scales)
   m, lat = config.model, config.latent
   schedule = stages_lib.from_config(config)
   fine = schedule.finest.patch
@@ -146,7 +148,7 @@ def build_pair(name: str, opts: dict, spec: sampling.SamplerSpec, torch, torch_m
   noise = rng.standard_normal((b, lat.height, lat.width, lat.channels)).astype(np.float32)
   labels = rng.integers(0, m.num_classes, b)
   jax_run = _jax_sampler(model, spec, jnp.asarray(noise), jnp.asarray(labels, jnp.int32))
-  ts = TorchSampler(torch, tm, schedule, spec, m.num_classes, opts['dtype'])
+  ts = TorchSampler(torch, tm, schedule, spec, m.num_classes, config.model.dtype)
   t_noise = torch.from_numpy(noise).permute(0, 3, 1, 2).contiguous().to(device)
   t_labels = torch.from_numpy(labels).to(device)
   return dict(config=config, schedule=schedule, jax=jax_run,
@@ -204,7 +206,7 @@ def run_benchmark(opts: dict, spec: sampling.SamplerSpec, torch, torch_model_cls
       row[f'{side}_speedup'] = base[f'{side}_seconds']['median'] / row[f'{side}_seconds']['median']
       row[f'{side}_speedup_vs_bound'] = row[f'{side}_speedup'] / row['speedup_flops_bound']
   return dict(benchmark='vs_torch', device=common.device_info(), torch=torch.__version__,
-              torch_threads=torch.get_num_threads(), options=opts,
+              torch_threads=torch.get_num_threads(), options=common.as_json(opts),
               sampler=dict(method=spec.method, num_steps=spec.num_steps),
               results=results, acceptance=acceptance(results))
 
@@ -240,21 +242,16 @@ def table(result: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
   f = flags.FLAGS
+  opts, steps = common.command_line(argv)
+  if f.rounds < 1:
+    raise app.UsageError(f'--rounds={f.rounds} must be >= 1')
   found = import_torch()
   if found is None:
     return
   if f.torch_threads:
     found[0].set_num_threads(f.torch_threads)
-  opts = common.model_options(f)
   opts.update(cfg_scale=f.cfg_scale, paper_cfg=f.paper_cfg, rounds=f.rounds)
-  if f.tiny:
-    opts['rounds'] = min(f.rounds, 2)
-  steps = 4 if f.tiny else f.steps
-  if steps < 1 or opts['rounds'] < 1:
-    raise app.UsageError(f'--steps={steps} and --rounds={opts["rounds"]} must be >= 1')
   spec = sampling.SamplerSpec(method=f.method, num_steps=steps + 1)
   result = run_benchmark(opts, spec, *found)
   headers, rows = table(result)
@@ -268,11 +265,11 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  common.define_model_flags()
+  common.define_flags()
   flags.DEFINE_integer('steps', 6, 'Integration steps (grid points = steps + 1).')
   flags.DEFINE_enum('method', 'heun', ['euler', 'heun'], 'Sampler.')
   flags.DEFINE_float('cfg_scale', 1.5, 'CFG scale of every stage (1 = no CFG).')
   flags.DEFINE_bool('paper_cfg', False, f'Use the paper\'s per-stage scales {PAPER_CFG} instead.')
   flags.DEFINE_integer('rounds', 3, 'Alternating timed rounds after the warm-up.')
   flags.DEFINE_integer('torch_threads', 0, 'torch.set_num_threads (0 = torch\'s default).')
-  app.run(main)
+  cli.run(main)
