@@ -102,7 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.sample = ml_collections.ConfigDict(dict(
-      method='heun',          # 'euler' | 'heun' (ODE, fixed grid) | 'sde' (Euler-Maruyama, SiT).
+      method='heun',          # 'euler' | 'heun' (ODE, fixed grid) | 'sde' (Euler-Maruyama, SiT)
+                              # | 'dopri5' (adaptive ODE, one program per stage; adaptive.py).
+      atol=1e-6, rtol=1e-3,   # 'dopri5' error tolerances (SiT's torchdiffeq defaults).
       num_steps=250,          # grid points: linspace(0, 1, num_steps) -> num_steps - 1 steps
                               # (official PPFlow: heun over linspace(0, 1, 250)).
       cfg_channels='all',     # 'all' | 'legacy' = guide latent channels 0..2 only (SiT/DiT/PPFlow).
@@ -277,7 +279,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= m.class_dropout < 1.0:
     raise errors.ConfigError(f'config.model.class_dropout={m.class_dropout} must be in [0, 1)')
   _choice(config.train.regime, 'config.train.regime', ('ppflow', 'flexidit', 'lumina'))
-  _choice(config.sample.method, 'config.sample.method', ('euler', 'heun', 'sde'))
+  _choice(config.sample.method, 'config.sample.method', ('euler', 'heun', 'sde', 'dopri5'))
+  if not (config.sample.atol > 0 and config.sample.rtol >= 0):
+    raise errors.ConfigError(f'config.sample.atol={config.sample.atol} must be > 0 and '
+                             f'config.sample.rtol={config.sample.rtol} >= 0 (dopri5 tolerances; '
+                             'SiT: 1e-6, 1e-3)')
+  if config.sample.method == 'dopri5' and config.train.final_report:
+    raise errors.ConfigError("config.sample.method='dopri5' with config.train.final_report=True: "
+                             'the run report compares fixed-grid evaluation counts; report with '
+                             "method='heun' and sample dopri5 with --mode=sample/sample_fid")
   _choice(config.sample.cfg_channels, 'config.sample.cfg_channels', ('all', 'legacy'))
   _choice(config.data.source, 'config.data.source',
           ('fashion_mnist', 'imagenet', 'image_folder', 'latents'))

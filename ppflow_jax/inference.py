@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from ppflow_jax import adaptive
 from ppflow_jax import checkpoint
 from ppflow_jax import config_lib
 from ppflow_jax import models
@@ -99,7 +100,7 @@ class Inference:
   def sampler(self, **spec_overrides) -> sampling.Sampler:
     """The sampler of config.sample with SamplerSpec field overrides; a new one compiles anew."""
     spec = sampling.SamplerSpec.from_config(self.config, **spec_overrides)
-    return sampling.Sampler(self.graphdef, self.schedule, spec, self.config.model.num_classes)
+    return adaptive.make_sampler(self.graphdef, self.schedule, spec, self.config.model.num_classes)
 
   def generate(self, labels: np.ndarray, seed: int, **spec_overrides) -> np.ndarray:
     """labels: (N,) int -> latents (N, H, W, C), sample i from `sampling.index_noise(.., i, seed)`."""

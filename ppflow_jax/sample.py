@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from ppflow_jax import adaptive
 from ppflow_jax import config_lib
 from ppflow_jax import errors
 from ppflow_jax import paths
@@ -139,9 +140,9 @@ class Pipeline:
     return cls(config, graphdef, jax.device_put(params), vae)
 
   def sampler(self, **spec_overrides) -> sampling.Sampler:
-    return sampling.Sampler(self.graphdef, stages.from_config(self.config),
-                            sampling.SamplerSpec.from_config(self.config, **spec_overrides),
-                            self.config.model.num_classes)
+    return adaptive.make_sampler(self.graphdef, stages.from_config(self.config),
+                                 sampling.SamplerSpec.from_config(self.config, **spec_overrides),
+                                 self.config.model.num_classes)
 
   def latents(self, class_labels: Sequence[int], seed: int = 0, **spec_overrides) -> np.ndarray:
     """Latents (N, h, w, C) for the labels; sample i depends only on (seed, i)."""

@@ -263,6 +263,7 @@ def eval_card(config: ml_collections.ConfigDict, *, checkpoint_dir: str, step: i
   """Everything that changes the published numbers of a sample batch, as a JSON-able dict."""
   spec = sampling.SamplerSpec.from_config(config)
   schedule = stages_lib.from_config(config)
+  adaptive = spec.method == sampling.ADAPTIVE
   ref = config.eval.reference_batch
   devices = jax.devices()
   e = config.eval
@@ -277,8 +278,9 @@ def eval_card(config: ml_collections.ConfigDict, *, checkpoint_dir: str, step: i
       stage_boundaries=list(config.schedule.boundaries),
       stage_cfg_scales=list(config.schedule.cfg_scales),
       cfg_channels=spec.cfg_channels, skip_unit_cfg=spec.skip_unit_cfg,
-      model_evaluations=sum(sampling.num_evaluations(schedule, spec)),
-      forward_passes=sum(sampling.forward_passes(schedule, spec)),
+      # dopri5's counts depend on the data: the sampler measures them (adaptive.py).
+      model_evaluations=None if adaptive else sum(sampling.num_evaluations(schedule, spec)),
+      forward_passes=None if adaptive else sum(sampling.forward_passes(schedule, spec)),
       precision=dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                      attention=config.model.attention),
       null_class=config.model.num_classes,
