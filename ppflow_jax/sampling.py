@@ -40,6 +40,7 @@ from flax import nnx
 
 from ppflow_jax import packing
 from ppflow_jax import stages as stages_lib
+from ppflow_jax.models import lora
 
 LEGACY_GUIDED_CHANNELS = 3
 ADAPTIVE = 'dopri5'  # the adaptive method (adaptive.py); every other method has a fixed grid
@@ -240,6 +241,8 @@ class Sampler:
     null = jnp.full_like(y, self.null_class)
     legacy = self.spec.cfg_channels == 'legacy'
     guide = guidance_stage(self.spec, segment.stage)
+    if getattr(model, 'lora', False) and (guide == segment.stage or not segment.guided):
+      lora.fold_into(model, segment.stage)  # one patch per program: run the merged weights
 
     def velocity(x, t, scale):
       tb = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
