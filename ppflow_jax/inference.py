@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from ppflow_jax import adaptive
 from ppflow_jax import checkpoint
 from ppflow_jax import config_lib
 from ppflow_jax import models
@@ -105,8 +106,8 @@ class Inference:
     """The sampler of config.sample with SamplerSpec field overrides (built once per spec)."""
     spec = sampling.SamplerSpec.from_config(self.config, **spec_overrides)
     if spec not in self._samplers:
-      self._samplers[spec] = sampling.Sampler(self.graphdef, self.schedule, spec,
-                                              self.config.model.num_classes)
+      self._samplers[spec] = adaptive.make_sampler(self.graphdef, self.schedule, spec,
+                                                   self.config.model.num_classes)
     return self._samplers[spec]
 
   def generate(self, labels: np.ndarray, seed: int, **spec_overrides) -> np.ndarray:

@@ -40,7 +40,7 @@ LAYERS = (
      'ppflow_jax.errors', 'ppflow_jax.paths', 'ppflow_jax.hlo', 'ppflow_jax.lease'),
     ('ppflow_jax.models.', 'ppflow_jax.flow', 'ppflow_jax.packing', 'ppflow_jax.cli',
      'ppflow_jax.weights'),
-    ('ppflow_jax.sampling', 'ppflow_jax.train', 'ppflow_jax.data.', 'ppflow_jax.convert.',
+    ('ppflow_jax.sampling', 'ppflow_jax.adaptive', 'ppflow_jax.train', 'ppflow_jax.data.', 'ppflow_jax.convert.',
      'ppflow_jax.evaluation.metrics', 'ppflow_jax.evaluation.inception',
      'ppflow_jax.evaluation.fmnist_features'),
     ('ppflow_jax.flops', 'ppflow_jax.checkpoint', 'ppflow_jax.bench.common'),

@@ -253,6 +253,7 @@ def eval_card(model: inference.Inference, *, checkpoint_dir: str, samples_file: 
   dict (its sampler's spec and schedule, the config's evaluator, the code and devices)."""
   config, schedule, step = model.config, model.schedule, model.step
   spec = model.sampler().spec
+  adaptive = spec.method == sampling.ADAPTIVE
   ref = config.eval.reference_batch
   devices = jax.devices()
   e = config.eval
@@ -267,8 +268,9 @@ def eval_card(model: inference.Inference, *, checkpoint_dir: str, samples_file: 
       stage_boundaries=list(config.schedule.boundaries),
       stage_cfg_scales=list(config.schedule.cfg_scales),
       cfg_channels=spec.cfg_channels, skip_unit_cfg=spec.skip_unit_cfg,
-      model_evaluations=sum(sampling.num_evaluations(schedule, spec)),
-      forward_passes=sum(sampling.forward_passes(schedule, spec)),
+      # dopri5's counts depend on the data: the sampler measures them (adaptive.py).
+      model_evaluations=None if adaptive else sum(sampling.num_evaluations(schedule, spec)),
+      forward_passes=None if adaptive else sum(sampling.forward_passes(schedule, spec)),
       precision=dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                      attention=config.model.attention),
       null_class=config.model.num_classes,
