@@ -46,7 +46,7 @@ LAYERS = (
     ('ppflow_jax.flops', 'ppflow_jax.checkpoint', 'ppflow_jax.bench.common'),
     ('ppflow_jax.inference',),
     ('ppflow_jax.report', 'ppflow_jax.loop', 'ppflow_jax.summary', 'ppflow_jax.evaluation.'),
-    ('ppflow_jax.main', 'ppflow_jax.sample', 'ppflow_jax.aot', 'ppflow_jax.tables', 'ppflow_jax.convert.__main__', 'ppflow_jax.bench.', 'ppflow_jax.experiments.'),
+    ('ppflow_jax.main', 'ppflow_jax.sample', 'ppflow_jax.aot', 'ppflow_jax.schedule_search', 'ppflow_jax.tables', 'ppflow_jax.convert.__main__', 'ppflow_jax.bench.', 'ppflow_jax.experiments.'),
 )
 
 
