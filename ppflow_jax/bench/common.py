@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from ppflow_jax import config_lib
 from ppflow_jax import errors
+from ppflow_jax import paths
 
 # Dense bf16 peak FLOP/s per chip, matched in order against `device.device_kind` (the TPU v5e
 # and v6e report themselves as "TPU v5 lite" / "TPU v6 lite", the v5p as "TPU v5").
@@ -144,8 +145,7 @@ def write_outputs(result: dict, headers: list[str], rows: list[list[str]], *, js
                   markdown: bool) -> str:
   """Writes JSON (if asked) and returns the table as Markdown or aligned plain text."""
   if json_path:
-    with open(json_path, 'w') as f:
-      json.dump(result, f, indent=2)
+    paths.write_text(json_path, json.dumps(result, indent=2))  # a local path or a URL
   if markdown:
     lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
     lines += ['| ' + ' | '.join(r) + ' |' for r in rows]

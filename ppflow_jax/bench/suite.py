@@ -28,6 +28,7 @@ from absl import app, flags
 
 from ppflow_jax import cli
 from ppflow_jax import flops
+from ppflow_jax import paths
 from ppflow_jax import sampling
 from ppflow_jax import stages as stages_lib
 from ppflow_jax.bench import common
@@ -165,8 +166,7 @@ def main(argv) -> None:
         f"{opts['size']}, batch {opts['batch']}, {opts['dtype']}, heun {steps} steps, paper CFG "
         f"{vs_torch.PAPER_CFG}, {result['wall_seconds']:.0f} s in all")
   if f.json:
-    with open(f.json, 'w') as out:
-      json.dump(result, out, indent=2)
+    paths.write_text(f.json, json.dumps(result, indent=2))
   if 'sampling' in result:
     print(common.write_outputs(result, *vs_torch.table(dict(results=result['sampling'])),
                                json_path='', markdown=True))
