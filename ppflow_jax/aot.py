@@ -42,7 +42,7 @@ from ml_collections import config_flags
 from ppflow_jax import config_lib
 from ppflow_jax import flops as flops_lib
 from ppflow_jax import hlo
-from ppflow_jax import sampling
+from ppflow_jax import inference
 from ppflow_jax import sharding
 from ppflow_jax import train
 
@@ -181,9 +181,9 @@ def compile_sampler(trainer: train.Trainer, chip: Chip, chips: int, batch: int,
                     hlo_dir: str | None = None) -> list[dict]:
   """Every sampler-segment program (one per stage, CFG included) on `batch` images."""
   config, mesh = trainer.config, trainer.mesh
-  spec = sampling.SamplerSpec.from_config(config)
-  sampler = sampling.Sampler(trainer.graphdef, trainer.schedule, spec, config.model.num_classes)
   params = _sds(jax.eval_shape(trainer.init_state).ema, trainer.state_sharding.params)
+  sampler = inference.Inference.from_trainer(trainer, params).sampler()
+  spec = sampler.spec
   h, w, c = config.latent.height, config.latent.width, config.latent.channels
   rows = sharding.batch_sharding(mesh, 1)
   noise = jax.ShapeDtypeStruct((batch, h, w, c), jnp.float32,

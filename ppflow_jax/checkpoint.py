@@ -47,6 +47,7 @@ from ppflow_jax import weights
 from ppflow_jax.convert import torch_io
 from ppflow_jax.convert.torch_io import CheckpointMismatchError  # one class for every importer
 from ppflow_jax.models import block_stack
+from ppflow_jax.models import lora
 from ppflow_jax.sharding import replicated
 from ppflow_jax.train import Trainer, TrainState
 
@@ -646,10 +647,24 @@ def load_params(directory: str, config: ml_collections.ConfigDict, mesh: jax.sha
                        ckpt.restore(path, other))
 
 
+def _saved_lora_rank(init_from: str) -> int:
+  """The adapter rank of the params `init_from` holds (0: base params, or a weight file)."""
+  fields = paths.join(init_from, PARAMS_CONFIG)
+  if not (paths.isdir(init_from) and paths.exists(fields)):
+    return 0
+  return int(json.loads(paths.read_text(fields)).get('model', {}).get('lora_rank', 0))
+
+
 def load_init_params(init_from: str, config: ml_collections.ConfigDict,
                      mesh: jax.sharding.Mesh):
   """What `config.train.init_from` names: a `save_params`/converter directory, or a PyTorch /
-  safetensors SiT, DiT or PPF file (converted by ppflow_jax.convert)."""
+  safetensors SiT, DiT or PPF file (converted by ppflow_jax.convert). A config with LoRA
+  adapters over base params gets fresh adapters (models/lora.py: the model starts as the base)."""
+  if config.model.lora_rank and not _saved_lora_rank(init_from):
+    base = load_init_params(init_from, lora.base_config(config), mesh)
+    target = params_target(config, mesh)
+    params = lora.add_adapters(base, target, jax.random.key(config.seed))
+    return jax.device_put(params, jax.tree.map(lambda a: a.sharding, target))
   if paths.isdir(init_from):
     return load_params(init_from, config, mesh)
   if not paths.exists(init_from) and weights.release(init_from):  # a released name: download

@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
       scan_blocks=False, remat='none',
       # MPDiT only (models/mpdit.py): blocks that run on small-patch tokens, class prefix tokens.
       mpdit_fine_blocks=6, mpdit_class_tokens=16, mpdit_coarse_patch=(),  # () = 2x the finest.
+      # Per-patch-size LoRA (FlexiDiT §3.2, models/lora.py): rank 0 = none; with rank > 0
+      # training updates only the adapters of these shared-block linears (the base is frozen).
+      lora_rank=0, lora_targets=('qkv', 'proj', 'fc1', 'fc2'),
   ))
 
   # The latent the model sees, (H, W, C) NHWC: SD-VAE latents of 256px ImageNet by default.
@@ -102,7 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.sample = ml_collections.ConfigDict(dict(
-      method='heun',          # 'euler' | 'heun' (ODE, fixed grid) | 'sde' (Euler-Maruyama, SiT).
+      method='heun',          # 'euler' | 'heun' (ODE, fixed grid) | 'sde' (Euler-Maruyama, SiT)
+                              # | 'dopri5' (adaptive ODE, one program per stage; adaptive.py).
+      atol=1e-6, rtol=1e-3,   # 'dopri5' error tolerances (SiT's torchdiffeq defaults).
       num_steps=250,          # grid points: linspace(0, 1, num_steps) -> num_steps - 1 steps
                               # (official PPFlow: heun over linspace(0, 1, 250)).
       cfg_channels='all',     # 'all' | 'legacy' = guide latent channels 0..2 only (SiT/DiT/PPFlow).
@@ -258,6 +263,21 @@ _LOWER_BOUNDS = (
 )
 
 
+def _validate_lora(m: ml_collections.ConfigDict) -> None:
+  if not isinstance(m.lora_rank, int) or m.lora_rank < 0:
+    raise errors.ConfigError(f'config.model.lora_rank={m.lora_rank!r} must be an int >= 0 '
+                             '(0 = no adapters)')
+  if not m.lora_rank:
+    return
+  if m.variant != 'ppf':
+    raise errors.ConfigError(f'config.model.lora_rank={m.lora_rank}: per-patch LoRA is '
+                             f'implemented for the ppf variant only, not {m.variant!r}')
+  known = ('qkv', 'proj', 'fc1', 'fc2')
+  if not m.lora_targets or any(t not in known for t in m.lora_targets):
+    raise errors.ConfigError(f'config.model.lora_targets={tuple(m.lora_targets)} must be a '
+                             f'non-empty subset of {known}')
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError (a ValueError) with the offending field for values no run can use."""
   m = config.model
@@ -271,13 +291,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f'set them to False / "none" for variant={m.variant!r}')
   for dotted, low, why in _LOWER_BOUNDS:
     _at_least(config, dotted, low, why)
+  _validate_lora(m)
   if m.hidden_size % m.num_heads:
     raise errors.ConfigError(f'config.model.hidden_size={m.hidden_size} is not divisible by '
                              f'num_heads={m.num_heads}')
   if not 0.0 <= m.class_dropout < 1.0:
     raise errors.ConfigError(f'config.model.class_dropout={m.class_dropout} must be in [0, 1)')
   _choice(config.train.regime, 'config.train.regime', ('ppflow', 'flexidit', 'lumina'))
-  _choice(config.sample.method, 'config.sample.method', ('euler', 'heun', 'sde'))
+  _choice(config.sample.method, 'config.sample.method', ('euler', 'heun', 'sde', 'dopri5'))
+  if not (config.sample.atol > 0 and config.sample.rtol >= 0):
+    raise errors.ConfigError(f'config.sample.atol={config.sample.atol} must be > 0 and '
+                             f'config.sample.rtol={config.sample.rtol} >= 0 (dopri5 tolerances; '
+                             'SiT: 1e-6, 1e-3)')
+  if config.sample.method == 'dopri5' and config.train.final_report:
+    raise errors.ConfigError("config.sample.method='dopri5' with config.train.final_report=True: "
+                             'the run report compares fixed-grid evaluation counts; report with '
+                             "method='heun' and sample dopri5 with --mode=sample/sample_fid")
   _choice(config.sample.cfg_channels, 'config.sample.cfg_channels', ('all', 'legacy'))
   _choice(config.data.source, 'config.data.source',
           ('fashion_mnist', 'imagenet', 'image_folder', 'latents'))

@@ -132,8 +132,11 @@ def bucketed_forward(model, xs: list[jax.Array], ts: list[jax.Array], ys: list[j
   if packed:
     plan = make_plan(tuple(x.shape[0] for x in xs), tuple(t.shape[1] for t in tokens),
                      row_multiple)
-    out = model.run_blocks(pack(plan, tokens), jnp.concatenate(cs), plan.layout())
+    ids = jnp.concatenate([jnp.full((x.shape[0],), stages[i], jnp.int32)
+                           for i, x in enumerate(xs)])
+    out = model.run_blocks(pack(plan, tokens), jnp.concatenate(cs), plan.layout(), ids)
     tokens = unpack(plan, out)
   else:
-    tokens = [model.run_blocks(tokens[i], cs[i]) for i in buckets]
+    tokens = [model.run_blocks(tokens[i], cs[i], stages=jnp.full((xs[i].shape[0],), stages[i]))
+              for i in buckets]
   return [model.unembed(tokens[i], cs[i], stages[i]) for i in buckets]

@@ -40,14 +40,16 @@ from flax import nnx
 
 from ppflow_jax import packing
 from ppflow_jax import stages as stages_lib
+from ppflow_jax.models import lora
 
 LEGACY_GUIDED_CHANNELS = 3
+ADAPTIVE = 'dopri5'  # the adaptive method (adaptive.py); every other method has a fixed grid
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
   """What a sampling run does; every field changes published numbers."""
-  method: str = 'heun'            # 'euler' | 'heun' | 'sde'
+  method: str = 'heun'            # 'euler' | 'heun' | 'sde' | 'dopri5' (adaptive.py)
   num_steps: int = 250            # grid points, both ends included
   cfg_channels: str = 'all'       # 'all' | 'legacy'
   skip_unit_cfg: bool = True      # scale 1.0: conditional pass only
@@ -57,6 +59,8 @@ class SamplerSpec:
   guidance: str = 'cfg'           # 'cfg' | 'weak_conditional' (FlexiDiT weak-model guidance)
   guidance_stage: int = 0         # 'weak_conditional': the stage whose patch gives the guidance
   pack_guidance: bool = True      # 'weak_conditional': both passes in one packed forward
+  atol: float = 1e-6              # 'dopri5' error tolerances (SiT's defaults)
+  rtol: float = 1e-3
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, **overrides) -> 'SamplerSpec':
@@ -64,7 +68,8 @@ class SamplerSpec:
     fields = dict(method=s.method, num_steps=s.num_steps, cfg_channels=s.cfg_channels,
                   skip_unit_cfg=s.skip_unit_cfg, sde_last_step=s.sde_last_step,
                   sde_diffusion_norm=s.sde_diffusion_norm, force_finest=s.force_finest,
-                  guidance=s.guidance, guidance_stage=s.guidance_stage)
+                  guidance=s.guidance, guidance_stage=s.guidance_stage, atol=s.atol,
+                  rtol=s.rtol)
     fields.update(overrides)
     return cls(**fields)
 
@@ -79,6 +84,10 @@ class Steps:
 
 def integration_steps(spec: SamplerSpec) -> Steps:
   """The fixed grid of `spec` as steps (t_i, dt_i)."""
+  if spec.method == ADAPTIVE:
+    raise ValueError("sample.method='dopri5' has no fixed grid: its model evaluations depend on "
+                     'the data; build it with adaptive.make_sampler and read the NFE it measured '
+                     '(AdaptiveSampler.last_stats)')
   n = spec.num_steps
   if spec.method == 'sde':
     grid = np.linspace(0.0, 1.0 - spec.sde_last_step, n)
@@ -193,6 +202,15 @@ def forward_passes(schedule: stages_lib.Schedule, spec: SamplerSpec) -> list[int
   return counts
 
 
+def check_guidance(schedule: stages_lib.Schedule, spec: SamplerSpec) -> None:
+  """Raises ValueError for a guidance mode or guidance stage the schedule cannot run."""
+  if spec.guidance not in ('cfg', 'weak_conditional'):
+    raise ValueError(f"sample guidance={spec.guidance!r} must be 'cfg' or 'weak_conditional'")
+  if spec.guidance == 'weak_conditional' and not 0 <= spec.guidance_stage < len(schedule):
+    raise ValueError(f'sample guidance_stage={spec.guidance_stage} is not a stage of the '
+                     f'{len(schedule)}-stage schedule')
+
+
 class Sampler:
   """Samples latents from a model for a schedule; compiled programs are cached per instance.
 
@@ -206,11 +224,7 @@ class Sampler:
     self.schedule = schedule
     self.spec = spec
     self.null_class = num_classes
-    if spec.guidance not in ('cfg', 'weak_conditional'):
-      raise ValueError(f"sample guidance={spec.guidance!r} must be 'cfg' or 'weak_conditional'")
-    if spec.guidance == 'weak_conditional' and not 0 <= spec.guidance_stage < len(schedule):
-      raise ValueError(f'sample guidance_stage={spec.guidance_stage} is not a stage of the '
-                       f'{len(schedule)}-stage schedule')
+    check_guidance(schedule, spec)
     self.segments = plan(schedule, spec)
     self.steps = integration_steps(spec)
     self.trace_count = 0  # programs traced (= compiled) so far; tests count them.
@@ -221,14 +235,17 @@ class Sampler:
     return cfg_scale(self.schedule, t)
 
   def _velocity_fn(self, state: nnx.State, segment: Segment, y: jax.Array) -> Callable:
-    """Returns v(x, t, scale): the guided velocity of `segment`'s stage. x: (B, H, W, C)."""
+    """Returns v(x, t, scale): the guided velocity of `segment`'s stage (any object with `stage`
+    and `guided`). x: (B, H, W, C); t: scalar or (B,)."""
     model = nnx.merge(self.graphdef, state)
     null = jnp.full_like(y, self.null_class)
     legacy = self.spec.cfg_channels == 'legacy'
     guide = guidance_stage(self.spec, segment.stage)
+    if getattr(model, 'lora', False) and (guide == segment.stage or not segment.guided):
+      lora.fold_into(model, segment.stage)  # one patch per program: run the merged weights
 
     def velocity(x, t, scale):
-      tb = jnp.full((x.shape[0],), t, jnp.float32)
+      tb = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
       if not segment.guided:
         return model(x, tb, y, segment.stage)
       if guide == segment.stage:
@@ -340,6 +357,13 @@ class Timing:
   """Wall time of one sampling call and its share per (stage, guided) segment group."""
   seconds: float
   groups: dict  # {(stage, guided): seconds}
+
+  def per_stage(self, num_stages: int) -> list[float]:
+    """Seconds per model stage (guided and unguided segments together)."""
+    out = [0.0] * num_stages
+    for (stage, _), sec in self.groups.items():
+      out[stage] += sec
+    return out
 
 
 def timed_sample(sampler: Sampler, state: nnx.State, noise: jax.Array, labels: jax.Array,

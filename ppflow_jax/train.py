@@ -25,6 +25,7 @@ from ppflow_jax import packing
 from ppflow_jax import sharding
 from ppflow_jax import stages as stages_lib
 from ppflow_jax.models import build_model
+from ppflow_jax.models import lora
 
 
 @flax.struct.dataclass
@@ -43,11 +44,20 @@ def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW (paper: lr 1e-4, no weight decay) with optional warmup and global-norm clipping."""
+  """AdamW (paper: lr 1e-4, no weight decay) with optional warmup and global-norm clipping.
+
+  With LoRA adapters (config.model.lora_rank > 0) only the adapters are optimised; the base
+  gets no update and no optimizer state.
+  """
   t = config.train
   lr = learning_rate(config) if t.warmup_steps else t.lr
   adamw = optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)
-  return optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), adamw) if t.grad_clip_norm else adamw
+  tx = optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), adamw) if t.grad_clip_norm else adamw
+  if not config.model.lora_rank:
+    return tx
+  labels = lambda params: jax.tree.map(lambda a: 'adapter' if a else 'frozen',
+                                       lora.trainable_mask(params))
+  return optax.multi_transform({'adapter': tx, 'frozen': optax.set_to_zero()}, labels)
 
 
 def bucket(tree, sizes: tuple[int, ...]) -> list:
@@ -78,9 +88,12 @@ class Trainer:
     self.rules = sharding.rules_from_config(config)
     params_sharding = nnx.to_pure_dict(sharding.param_shardings(mesh, abstract_state, self.rules))
     abstract_params = nnx.to_pure_dict(abstract_state)
-    opt_sharding = sharding.opt_state_shardings(
-        self.tx, jax.eval_shape(self.tx.init, abstract_params), params_sharding, mesh)
+    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
     repl = sharding.replicated(mesh)
+    if config.model.lora_rank:  # only the (replicated) adapters have optimizer state
+      opt_sharding = jax.tree.map(lambda _: repl, abstract_opt)
+    else:
+      opt_sharding = sharding.opt_state_shardings(self.tx, abstract_opt, params_sharding, mesh)
     self.state_sharding = TrainState(step=repl, params=params_sharding, ema=params_sharding,
                                      opt_state=opt_sharding, rng=repl)
     self.batch_sharding = {'x': sharding.batch_sharding(mesh, 4),
@@ -136,11 +149,17 @@ class Trainer:
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     with sharding.axis_rules(self.rules):  # activation constraints follow config.mesh.rules
       (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state.params, batch, key)
+    if self.config.model.lora_rank:  # a frozen base: no gradient, and its arrays pass through
+      mask = lora.trainable_mask(grads)
+      grads = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, mask)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = self.config.train.ema_decay
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
+    if self.config.model.lora_rank:  # bitwise: p + 0 and the EMA of a constant can round
+      params, ema = (jax.tree.map(lambda n, o, m: n if m else o, new, old, mask)
+                     for new, old in ((params, state.params), (ema, state.ema)))
     new = TrainState(step=state.step + 1, params=params, ema=ema, opt_state=opt_state,
                      rng=state.rng)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

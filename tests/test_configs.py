@@ -70,7 +70,9 @@ def test_runlocal_variant():
 @pytest.mark.parametrize('section, field, value, message', [
     ('model', 'dtype', 'float16', 'config.model.dtype'),
     ('model', 'num_heads', 7, 'not divisible by num_heads'),
-    ('sample', 'method', 'dopri5', 'config.sample.method'),
+    ('sample', 'method', 'rk4', r"config.sample.method='rk4' must be one of"),
+    ('sample', 'method', 'dopri5', 'the run report compares fixed-grid'),  # final_report=True
+    ('sample', 'rtol', -1.0, 'config.sample.rtol=-1.0 >= 0'),
     ('sample', 'cfg_channels', 'three', 'config.sample.cfg_channels'),
     ('train', 'regime', 'random', 'config.train.regime'),
     ('data', 'source', 'cifar', 'config.data.source'),

@@ -40,13 +40,13 @@ LAYERS = (
      'ppflow_jax.errors', 'ppflow_jax.paths', 'ppflow_jax.hlo', 'ppflow_jax.lease'),
     ('ppflow_jax.models.', 'ppflow_jax.flow', 'ppflow_jax.packing', 'ppflow_jax.cli',
      'ppflow_jax.weights'),
-    ('ppflow_jax.sampling', 'ppflow_jax.train', 'ppflow_jax.data.', 'ppflow_jax.convert.',
+    ('ppflow_jax.sampling', 'ppflow_jax.adaptive', 'ppflow_jax.train', 'ppflow_jax.data.', 'ppflow_jax.convert.',
      'ppflow_jax.evaluation.metrics', 'ppflow_jax.evaluation.inception',
      'ppflow_jax.evaluation.fmnist_features'),
     ('ppflow_jax.flops', 'ppflow_jax.checkpoint', 'ppflow_jax.bench.common'),
     ('ppflow_jax.inference',),
     ('ppflow_jax.report', 'ppflow_jax.loop', 'ppflow_jax.summary', 'ppflow_jax.evaluation.'),
-    ('ppflow_jax.main', 'ppflow_jax.sample', 'ppflow_jax.aot', 'ppflow_jax.tables', 'ppflow_jax.convert.__main__', 'ppflow_jax.bench.', 'ppflow_jax.experiments.'),
+    ('ppflow_jax.main', 'ppflow_jax.sample', 'ppflow_jax.aot', 'ppflow_jax.schedule_search', 'ppflow_jax.tables', 'ppflow_jax.convert.__main__', 'ppflow_jax.bench.', 'ppflow_jax.experiments.'),
 )
 
 

@@ -8,9 +8,9 @@ minus the steady median) and peak device memory. After one warm-up call per mode
 repeats run in interleaved rounds (every model once per round), so a speedup is the median of
 per-round ratios, each taken under one load; medians and spreads (min/max, IQR) are reported.
 
-  python -m ppflow_jax.bench.sample --size=B --batch=64 --steps=50 --dtype=bfloat16 \
+  python -m ppflow_jax.bench.sample --config=bench:B --config.sample.batch_size=64 --steps=50 \
       --json=sample.json --markdown
-  python -m ppflow_jax.bench.sample --tiny      # CI-sized, any CPU
+  python -m ppflow_jax.bench.sample --config=bench:tiny --steps=8   # CI-sized, any CPU
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
+from ppflow_jax import cli
 from ppflow_jax import flops
 from ppflow_jax import inference
 from ppflow_jax import sampling
@@ -30,7 +31,7 @@ from ppflow_jax.models import build_model
 
 def prepare_model(name: str, opts: dict, spec: sampling.SamplerSpec, seed: int = 0) -> dict:
   """Model `name` ready to sample: its config, schedule, evaluation counts and a timed `run`."""
-  config = common.make_config(name, **opts)
+  config = common.make_config(name, opts)
   model = inference.Inference.from_params(
       config, nnx.to_pure_dict(nnx.state(build_model(config, nnx.Rngs(seed)))))
   sampler = model.sampler(**dataclasses.asdict(spec))
@@ -43,10 +44,7 @@ def prepare_model(name: str, opts: dict, spec: sampling.SamplerSpec, seed: int =
   def run() -> tuple[float, list[float]]:
     """One sampling call -> (seconds, seconds per stage), each segment timed to completion."""
     _, timing = sampling.timed_sample(sampler, model.params, noise, labels)
-    per_stage = [0.0] * len(model.schedule)
-    for (stage, _), sec in timing.groups.items():
-      per_stage[stage] += sec
-    return timing.seconds, per_stage
+    return timing.seconds, timing.per_stage(len(model.schedule))
 
   return dict(name=name, config=config, schedule=model.schedule, sampler=sampler, run=run,
               evaluations=sampling.num_evaluations(model.schedule, spec))
@@ -86,7 +84,7 @@ def run_benchmark(opts: dict, spec: sampling.SamplerSpec) -> dict:
     r['speedup'] = r['speedup_rounds']['median']
     r['speedup_flops_bound'] = base['flops'] / r['flops']
     r['speedup_vs_bound'] = r['speedup'] / r['speedup_flops_bound']
-  return dict(benchmark='sample', device=common.device_info(), options=opts,
+  return dict(benchmark='sample', device=common.device_info(), options=common.as_json(opts),
               sampler=dict(method=spec.method, num_steps=spec.num_steps), results=results)
 
 
@@ -109,17 +107,18 @@ def table(result: dict) -> tuple[list[str], list[list[str]]]:
 
 def main(argv) -> None:
   f = flags.FLAGS
-  opts, steps = common.command_line(argv, tiny_steps=8)
+  opts, steps = common.command_line(argv)
   opts['cfg_scale'] = f.cfg_scale
   spec = sampling.SamplerSpec(method=f.method, num_steps=steps + 1)
   result = run_benchmark(opts, spec)
-  common.print_result(result, *table(result), f"{f.method} {steps} steps, {opts['dtype']}, "
+  common.print_result(result, *table(result),
+                      f"batch {opts['batch']}, {f.method} {steps} steps, {opts['dtype']}, "
                       f"cfg {opts['cfg_scale']}, {opts['repeats']} repeats")
 
 
 if __name__ == '__main__':
-  common.define_model_flags()
+  common.define_flags()
   flags.DEFINE_integer('steps', 50, 'Integration steps (grid points = steps + 1).')
   flags.DEFINE_enum('method', 'heun', ['euler', 'heun', 'sde'], 'Sampler.')
   flags.DEFINE_float('cfg_scale', 1.5, 'CFG scale of every stage of every model (1 = no CFG).')
-  app.run(main)
+  cli.run(main)

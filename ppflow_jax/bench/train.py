@@ -11,8 +11,8 @@ round), so a speedup is the median of per-round ratios; medians and spreads are 
 With the dense-mask `xla` attention (the CPU path) a packed row attends over its full length and
 padding tokens are computed, so packed PPF runs are bounded by `packed_dense` FLOPs instead.
 
-  python -m ppflow_jax.bench.train --size=XL --batch=64 --steps=10 --dtype=bfloat16 --markdown
-  python -m ppflow_jax.bench.train --tiny       # CI-sized, any CPU
+  python -m ppflow_jax.bench.train --config=bench:XL --steps=10 --markdown
+  python -m ppflow_jax.bench.train --config=bench:tiny --steps=2   # CI-sized, any CPU
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
+from ppflow_jax import cli
 from ppflow_jax import flops
 from ppflow_jax import sharding
 from ppflow_jax.bench import common
@@ -31,9 +32,9 @@ from ppflow_jax.train import Trainer
 
 def prepare_model(name: str, packing: bool, *, opts: dict, steps: int, seed: int = 0) -> dict:
   """Model `name` with its train state and a `run` that times `steps` consecutive steps."""
-  config = common.make_config(name, **opts)
-  b = opts['batch']
-  config.train.update(batch_size=b, packing=packing)
+  config = common.make_config(name, opts)
+  b = config.train.batch_size
+  config.train.packing = packing
   mesh = sharding.make_mesh(config)
   trainer = Trainer(config, mesh)
   k_x, k_y = jax.random.split(jax.random.key(seed))
@@ -63,7 +64,7 @@ def summarize(m: dict, opts: dict, first: float, per_step: list[float]) -> dict:
   name, config, trainer, packing = m['name'], m['config'], m['trainer'], m['packing']
   if not bool(jnp.isfinite(m['carry']['metrics']['loss'])):
     raise RuntimeError(f'{name}: the benchmarked train step produced a non-finite loss')
-  b = opts['batch']
+  b = config.train.batch_size
   t = common.spread(per_step)
   tr = flops.training_flops(config)
   tokens = sum(n * trainer.schedule.num_tokens(s) for s, n in enumerate(trainer.bucket_sizes))
@@ -115,7 +116,8 @@ def run_benchmark(opts: dict, steps: int, packings: tuple[bool, ...] = (False, T
     r['speedup_vs_bound'] = r['speedup'] / r['speedup_flops_bound']
     dense = r['packed_dense_flops_per_step']
     r['speedup_packed_dense_bound'] = dense and base['flops_per_step'] / dense
-  return dict(benchmark='train', device=common.device_info(), options=opts, steps=steps,
+  return dict(benchmark='train', device=common.device_info(), options=common.as_json(opts),
+              steps=steps,
               results=results)
 
 
@@ -137,15 +139,16 @@ def table(result: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def main(argv) -> None:
-  opts, steps = common.command_line(argv, tiny_steps=2)
+  opts, steps = common.command_line(argv)
   packings = {'both': (False, True), 'on': (True,), 'off': (False,)}[flags.FLAGS.packing]
   result = run_benchmark(opts, steps, packings)
   common.print_result(result, *table(result),
-                      f"{opts['dtype']}, {steps} steps x {opts['repeats']} repeats")
+                      f"batch {opts['config'].train.batch_size}, {opts['dtype']}, "
+                      f"{steps} steps x {opts['repeats']} repeats")
 
 
 if __name__ == '__main__':
-  common.define_model_flags()
+  common.define_flags()
   flags.DEFINE_integer('steps', 5, 'Train steps per timed repeat.')
   flags.DEFINE_enum('packing', 'both', ['both', 'on', 'off'], 'Patch n\' Pack runs of PPF.')
-  app.run(main)
+  cli.run(main)

@@ -11,7 +11,8 @@ scheduler as a stage boundary, and PI-resize initialisation of a new patch size'
   (p'^2 x p^2). Then <B x, w'> = <x, w> for every patch x: a patch-upsampled input gets exactly
   the original embedding. De-embeddings get w' = B w (the new output patch is the bilinear
   upsampling of the old one, and pinv(B) maps it back exactly); biases likewise.
-  Not implemented: FlexiDiT's per-patch-size LoRA with distillation (§3.2).
+  Per-patch-size LoRA (§3.2) is models/lora.py (config.model.lora_rank), trained on the
+  flow-matching loss; FlexiDiT's distillation target is not implemented.
 """
 
 from __future__ import annotations

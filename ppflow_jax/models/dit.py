@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from ppflow_jax import sharding
+from ppflow_jax.models import lora as lora_lib
 from ppflow_jax.ops import attention as attention_ops
 
 LN_EPS = 1e-6
@@ -131,55 +132,68 @@ class TimestepEmbedder(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """(..., d) -> (..., d): Linear(d, r*d), tanh-GELU, Linear(r*d, d)."""
+  """(..., d) -> (..., d): Linear(d, r*d), tanh-GELU, Linear(r*d, d); optional per-stage LoRA
+  (`lora`: (rank, stages, targets), models/lora.py)."""
 
-  def __init__(self, d: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, d: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs, lora=None):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, bias_init=zeros)
     self.fc1 = nnx.Linear(d, hidden, kernel_init=logical(xavier, ('embed', 'mlp')), **kw)
     self.fc2 = nnx.Linear(hidden, d, kernel_init=logical(xavier, ('mlp', 'embed')), **kw)
+    adapter = functools.partial(lora_lib.maybe_adapter, lora, param_dtype=param_dtype, rngs=rngs)
+    self.fc1_lora, self.fc2_lora = adapter('fc1', d, hidden), adapter('fc2', hidden, d)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+  def __call__(self, x: jax.Array, stage_weights: jax.Array | None = None) -> jax.Array:
+    """x: (B, L, d); stage_weights: (B, 1 or L, S) one-hot stages (LoRA only) -> (B, L, d)."""
+    h = jax.nn.gelu(lora_lib.adapted(self.fc1, self.fc1_lora, x, stage_weights), approximate=True)
+    return lora_lib.adapted(self.fc2, self.fc2_lora, h, stage_weights)
 
 
 class Attention(nnx.Module):
   """Multi-head self-attention with fused qkv (rows [q|k|v], heads split inside each)."""
 
-  def __init__(self, d: int, num_heads: int, *, impl: str, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, d: int, num_heads: int, *, impl: str, dtype, param_dtype, rngs: nnx.Rngs,
+               lora=None):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, bias_init=zeros)
     self.num_heads = num_heads
     self.impl = impl
     self.qkv = nnx.Linear(d, 3 * d, kernel_init=logical(xavier, ('embed', 'heads')), **kw)
     self.proj = nnx.Linear(d, d, kernel_init=logical(xavier, ('heads', 'embed')), **kw)
+    adapter = functools.partial(lora_lib.maybe_adapter, lora, param_dtype=param_dtype, rngs=rngs)
+    self.qkv_lora, self.proj_lora = adapter('qkv', d, 3 * d), adapter('proj', d, d)
 
-  def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-    """x: (B, L, d); segment_ids: (B, L) or None -> (B, L, d)."""
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None,
+               stage_weights: jax.Array | None = None) -> jax.Array:
+    """x: (B, L, d); segment_ids: (B, L) or None; stage_weights: see MLP -> (B, L, d)."""
     b, l, d = x.shape
-    qkv = self.qkv(x).reshape(b, l, 3, self.num_heads, d // self.num_heads)
+    qkv = lora_lib.adapted(self.qkv, self.qkv_lora, x, stage_weights)
+    qkv = qkv.reshape(b, l, 3, self.num_heads, d // self.num_heads)
     out = attention_ops.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], segment_ids,
                                   impl=self.impl)
-    return self.proj(out.reshape(b, l, d))
+    return lora_lib.adapted(self.proj, self.proj_lora, out.reshape(b, l, d), stage_weights)
 
 
 class DiTBlock(nnx.Module):
   """adaLN-Zero transformer block: the parameters every stage shares."""
 
   def __init__(self, d: int, num_heads: int, mlp_ratio: float, *, impl: str, dtype,
-               param_dtype, rngs: nnx.Rngs):
+               param_dtype, rngs: nnx.Rngs, lora=None):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.attn = Attention(d, num_heads, impl=impl, **kw)
-    self.mlp = MLP(d, int(d * mlp_ratio), **kw)
+    self.attn = Attention(d, num_heads, impl=impl, lora=lora, **kw)
+    self.mlp = MLP(d, int(d * mlp_ratio), lora=lora, **kw)
     self.adaLN_modulation = nnx.Linear(d, 6 * d, kernel_init=logical(zeros, ('embed', 'mlp')),
                                        bias_init=zeros, **kw)
 
-  def __call__(self, x: jax.Array, c: jax.Array, layout: TokenLayout | None) -> jax.Array:
-    """x: (B, L, d) tokens; c: (S, d) per-sample conditioning -> (B, L, d)."""
+  def __call__(self, x: jax.Array, c: jax.Array, layout: TokenLayout | None,
+               stage_weights: jax.Array | None = None) -> jax.Array:
+    """x: (B, L, d) tokens; c: (S, d) per-sample conditioning; stage_weights: per-token one-hot
+    stages for LoRA (see MLP) -> (B, L, d)."""
     x = sharding.constrain(x, ('batch', None, None))  # rows stay data-parallel through packing
     mod = per_token(self.adaLN_modulation(nnx.silu(c)), layout)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     segment_ids = None if layout is None else layout.segment_ids
-    x = x + gate_msa * self.attn(modulate(layer_norm(x), shift_msa, scale_msa), segment_ids)
-    return x + gate_mlp * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+    x = x + gate_msa * self.attn(modulate(layer_norm(x), shift_msa, scale_msa), segment_ids,
+                                 stage_weights)
+    return x + gate_mlp * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp), stage_weights)
 
 
 class FinalModulation(nnx.Module):

@@ -22,6 +22,7 @@ from flax import nnx
 from ppflow_jax import stages as stages_lib
 from ppflow_jax.models import block_stack
 from ppflow_jax.models import dit
+from ppflow_jax.models import lora
 
 
 def patchify(x: jax.Array, patch: tuple[int, int]) -> jax.Array:
@@ -69,8 +70,9 @@ class PPFModel(nnx.Module):
         nnx.Linear(s.patch_area * self.in_channels, d,
                    kernel_init=dit.logical(dit.xavier, (None, 'embed')), **linear)
         for s in self.schedule.stages])
-    blocks = [dit.DiTBlock(d, m.num_heads, m.mlp_ratio, impl=m.attention, **kw)
-              for _ in range(m.depth)]
+    blocks = [dit.DiTBlock(d, m.num_heads, m.mlp_ratio, impl=m.attention,
+                           lora=lora.settings(config), **kw) for _ in range(m.depth)]
+    self.lora = bool(m.lora_rank)
     self.blocks = block_stack.stack_modules(blocks) if m.scan_blocks else nnx.List(blocks)
     self.remat = m.remat
     self.final_modulation = dit.FinalModulation(d, **kw)
@@ -100,10 +102,14 @@ class PPFModel(nnx.Module):
       c = c + self.level_embedder(jnp.broadcast_to(jnp.asarray(stage, jnp.int32), t.shape))
     return c
 
-  def run_blocks(self, tokens: jax.Array, c: jax.Array,
-                 layout: dit.TokenLayout | None = None) -> jax.Array:
-    """tokens: (B, L, d); c: (S, d) per sample (S == B unless packed) -> (B, L, d)."""
-    return block_stack.run(self.blocks, tokens, lambda block, x: block(x, c, layout),
+  def run_blocks(self, tokens: jax.Array, c: jax.Array, layout: dit.TokenLayout | None = None,
+                 stages: jax.Array | None = None) -> jax.Array:
+    """tokens: (B, L, d); c: (S, d) per sample (S == B unless packed); stages: (S,) int stage
+    of each sample (needed with LoRA adapters, models/lora.py) -> (B, L, d)."""
+    weights = None
+    if self.lora and stages is not None:
+      weights = dit.per_token(jax.nn.one_hot(stages, len(self.schedule), dtype=c.dtype), layout)
+    return block_stack.run(self.blocks, tokens, lambda block, x: block(x, c, layout, weights),
                            remat=self.remat)
 
   def unembed(self, tokens: jax.Array, c: jax.Array, stage: int) -> jax.Array:
@@ -115,4 +121,5 @@ class PPFModel(nnx.Module):
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, stage: int) -> jax.Array:
     """x: (B, H, W, C); t: (B,); y: (B,) int; stage: static int -> velocity (B, H, W, C)."""
     c = self.condition(t, y, stage)
-    return self.unembed(self.run_blocks(self.embed(x, stage), c), c, stage)
+    stages = jnp.full(t.shape, stage, jnp.int32)
+    return self.unembed(self.run_blocks(self.embed(x, stage), c, stages=stages), c, stage)

@@ -1,0 +1,401 @@
+"""Choosing the stage schedule for a sampling budget after training (beyond the paper).
+
+A model trained in the FlexiDiT (or Lumina) regime has seen every patch at every t, so any
+schedule over its patches is usable; a `ppflow`-regime model only knows each patch on its own
+trained time range, and the search keeps to those ranges (and says so). The search:
+
+1. enumerates candidates: an increasing subset of the model's stages (coarsest first, so each
+   candidate stage picks a patch the model has projections for) and boundaries on a grid;
+2. prices each with flops.py: Testing FLOPs relative to the model's finest patch at every
+   evaluation (the paper's "Testing FLOPs", no CFG passes), under `config.sample`'s sampler;
+3. scores each with a cheap proxy from the model itself: on held-out images x1 and noise x0, at
+   `num_times` midpoint times t, the guided velocity of every model stage at x_t against the
+   finest stage's, mean squared; a candidate's proxy is the mean over t of its stage's error
+   (computed once per stage and time, so every candidate is scored for free);
+4. confirms the best few under the budget, the finest-only reference and the paper's hand-set
+   schedules (those whose patches the model has) with the real metric, the Fashion-MNIST FID of
+   sampled images, and times them side by side in one process;
+5. writes `search.json`, `override.txt` (the chosen schedule as config overrides) and
+   `pareto.png` (FLOPs vs proxy, and FLOPs vs FID of the confirmed ones, hand-set ones marked).
+
+  python -m ppflow_jax.schedule_search --config=configs/default_flexidit.py --workdir=RUN \\
+      --budget=0.5          # or --budget=hand: the FLOPs of the config's own schedule
+
+A candidate that uses a subset of the model's stages samples through `StageMap` (candidate
+stage i runs model stage `stages[i]`); the override string applies as is only to candidates that
+use every model stage (otherwise search.json says which model stage each candidate stage uses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app
+from absl import flags
+from flax import nnx
+
+from ppflow_jax import config_lib
+from ppflow_jax import flops
+from ppflow_jax import flow
+from ppflow_jax import inference
+from ppflow_jax import sampling
+from ppflow_jax import stages as stages_lib
+
+# Regimes that train every patch at every t (flow.sample_times): any schedule is in range.
+ALL_TIME_REGIMES = ('flexidit', 'lumina')
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """A schedule over the model's stages: candidate stage i runs model stage `stages[i]` on
+  (edges[i], edges[i + 1]] with edges = (0, *boundaries, 1)."""
+  stages: tuple[int, ...]
+  boundaries: tuple[float, ...]
+
+  def edges(self) -> tuple[float, ...]:
+    return (0.0,) + self.boundaries + (1.0,)
+
+  def label(self, config: ml_collections.ConfigDict) -> str:
+    patches = ' | '.join('x'.join(map(str, config.schedule.patch_sizes[s])) for s in self.stages)
+    return f"{patches} @ {', '.join(f'{b:g}' for b in self.boundaries) or '-'}"
+
+
+def trained_ranges(config: ml_collections.ConfigDict) -> list[tuple[float, float]]:
+  """Time range each model stage was trained on: its own stage range in the 'ppflow' regime,
+  [0, 1] for regimes that train every patch at every t."""
+  schedule = stages_lib.from_config(config)
+  if config.train.regime in ALL_TIME_REGIMES:
+    return [(0.0, 1.0)] * len(schedule)
+  return [(s.t_start, s.t_end) for s in schedule.stages]
+
+
+def candidate_config(config: ml_collections.ConfigDict, c: Candidate) -> ml_collections.ConfigDict:
+  """`config` with the candidate's schedule (patches and CFG scales of its model stages)."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  sc = config.schedule
+  out.schedule.patch_sizes = tuple(tuple(sc.patch_sizes[s]) for s in c.stages)
+  out.schedule.cfg_scales = tuple(sc.cfg_scales[s] for s in c.stages)
+  out.schedule.boundaries = c.boundaries
+  return out
+
+
+def enumerate_candidates(config: ml_collections.ConfigDict, grid: float,
+                         max_stages: int) -> list[Candidate]:
+  """Every valid candidate: model-stage subsets of up to `max_stages`, boundaries on multiples
+  of `grid`, each candidate stage inside its model stage's trained range."""
+  n = len(config.schedule.patch_sizes)
+  points = [round(k * grid, 10) for k in range(1, int(round(1 / grid)))]
+  ranges = trained_ranges(config)
+  out = []
+  for k in range(1, min(max_stages, n) + 1):
+    for subset in itertools.combinations(range(n), k):
+      for bounds in itertools.combinations(points, k - 1):
+        c = Candidate(subset, tuple(bounds))
+        edges = c.edges()
+        if all(ranges[s][0] - 1e-9 <= edges[i] and edges[i + 1] <= ranges[s][1] + 1e-9
+               for i, s in enumerate(subset)):
+          out.append(c)
+  return out
+
+
+def flops_ratio(config: ml_collections.ConfigDict, c: Candidate,
+                finest_flops: float | None = None) -> float:
+  """Testing FLOPs of sampling with `c` over the model's finest patch at every evaluation."""
+  if finest_flops is None:
+    finest_flops = finest_reference_flops(config)
+  return flops.sampling_flops(candidate_config(config, c))['flops'] / finest_flops
+
+
+def finest_reference_flops(config: ml_collections.ConfigDict) -> float:
+  spec = sampling.SamplerSpec.from_config(config, force_finest=True)
+  return flops.sampling_flops(config, spec)['flops']
+
+
+class StageMap(nnx.Module):
+  """The model with candidate stage i served by model stage `stages[i]`."""
+
+  def __init__(self, model: nnx.Module, stages: tuple[int, ...]):
+    self.model = model
+    self.stages = tuple(stages)
+
+  def __call__(self, x, t, y, stage: int):
+    return self.model(x, t, y, self.stages[stage])
+
+
+def velocity_errors(model: inference.Inference, images: np.ndarray, labels: np.ndarray,
+                    times: np.ndarray, seed: int = 0) -> np.ndarray:
+  """Mean squared difference of each model stage's guided velocity from the finest stage's.
+
+  images: (N, H, W, C) held-out data x1 in the model's latent space; labels: (N,); times: (T,)
+  -> (num_stages, T). CFG scales are the config's per model stage (the finest's for the
+  reference); x_t = (1 - t) x0 + t x1 with x0 from `seed`.
+  """
+  config = model.config
+  num_stages = len(model.schedule)
+  scales = tuple(float(s) for s in config.schedule.cfg_scales)
+  null = config.model.num_classes
+
+  @jax.jit
+  def all_stages(params, x, t, y):
+    net = nnx.merge(model.graphdef, params)
+    tb = jnp.full((x.shape[0],), t)
+
+    def guided(stage):
+      cond = net(x, tb, y, stage)
+      if scales[stage] == 1.0:
+        return cond
+      uncond = net(x, tb, jnp.full_like(y, null), stage)
+      return uncond + scales[stage] * (cond - uncond)
+    vs = [guided(s) for s in range(num_stages)]
+    return jnp.stack([jnp.mean(jnp.square(v - vs[-1])) for v in vs])
+
+  x1 = jnp.asarray(images, jnp.float32)
+  x0 = jax.random.normal(jax.random.key(seed), x1.shape)
+  y = jnp.asarray(labels, jnp.int32)
+  cols = [np.asarray(all_stages(model.params, flow.interpolate(x0, x1, jnp.full((len(x1),), t)),
+                                jnp.float32(t), y)) for t in times]
+  return np.stack(cols, axis=1)
+
+
+def proxy_score(c: Candidate, errors: np.ndarray, times: np.ndarray) -> float:
+  """Mean over `times` of the error of the model stage `c` runs at each time (a boundary time
+  belongs to the coarser stage, as in the sampler)."""
+  edges = c.edges()
+  idx = [min(np.searchsorted(edges[1:-1], t, side='left'), len(c.stages) - 1) for t in times]
+  return float(np.mean([errors[c.stages[i], k] for k, i in enumerate(idx)]))
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+  """Indices of points not dominated in (cost, error), both lower-better, by cost."""
+  order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+  front, best = [], float('inf')
+  for i in order:
+    if points[i][1] < best:
+      front.append(i)
+      best = points[i][1]
+  return front
+
+
+def hand_set(config: ml_collections.ConfigDict) -> dict[str, Candidate]:
+  """The paper's schedules (config_lib.SCHEDULES, PPF-2 / PPF-3) whose patches the model has."""
+  patches = [tuple(p) for p in config.schedule.patch_sizes]
+  out = {}
+  for label, n in config_lib.PAPER_MODELS.values():
+    sched = config_lib.SCHEDULES[n]
+    if n > 1 and all(tuple(p) in patches for p in sched['patch_sizes']):
+      out[label] = Candidate(tuple(patches.index(tuple(p)) for p in sched['patch_sizes']),
+                             tuple(sched['boundaries']))
+  return out
+
+
+def override_string(config: ml_collections.ConfigDict, c: Candidate) -> str:
+  """Config overrides that sample `c` with this model (valid when `c` uses every model stage;
+  the schedule is a guarded checkpoint field, hence allow_model_mismatch)."""
+  cc = candidate_config(config, c)
+  return (f"--config.schedule.boundaries='{tuple(cc.schedule.boundaries)}' "
+          f"--config.schedule.cfg_scales='{tuple(cc.schedule.cfg_scales)}' "
+          '--config.checkpoint.allow_model_mismatch=True')
+
+
+def candidate_sampler(model: inference.Inference, c: Candidate, **spec_overrides):
+  """(sampler, state) sampling `c` with `model`'s weights through StageMap."""
+  cc = config_lib.resolve(candidate_config(model.config, c))
+  net = StageMap(nnx.merge(model.graphdef, model.params), c.stages)
+  graphdef, state = nnx.split(net)
+  mapped = inference.Inference(cc, graphdef, state, stages_lib.from_config(cc), model.mesh,
+                               model.step)
+  return mapped.sampler(**spec_overrides), state
+
+
+def confirm(model: inference.Inference, named: dict[str, Candidate], evaluator, num_samples: int,
+            timing_repeats: int = 3) -> dict[str, dict]:
+  """FID (if `evaluator`) and steady seconds per batch of each candidate, side by side."""
+  config = model.config
+  labels = np.arange(num_samples, dtype=np.int32) % config.model.num_classes
+  bs, out = config.sample.batch_size, {}
+  for name, c in named.items():
+    sampler, state = candidate_sampler(model, c)
+    images, timings = sampling.sample_in_chunks(sampler, state, model.latent_shape, labels,
+                                                config.seed, bs)
+    steady = sampling.steady_timings(sampler, state, model.latent_shape, labels, bs, timings,
+                                     timing_repeats)
+    row = dict(batch_seconds=float(np.median([t.seconds for t in steady])), batch_size=bs)
+    if evaluator is not None:
+      row['fid'] = float(evaluator.score(np.clip(images, -1.0, 1.0), labels)['fid'])
+    out[name] = row
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+  budget: float | str = 0.5     # fraction of finest-patch Testing FLOPs, or 'hand'
+  grid: float = 0.125           # boundary grid
+  max_stages: int = 3
+  num_times: int = 32           # proxy time points (bin midpoints)
+  proxy_images: int = 64        # held-out images for the proxy
+  confirm: int = 3              # best candidates under the budget confirmed with FID
+  num_samples: int = 200        # samples per confirmed candidate for the FID
+  timing_repeats: int = 3       # timed batches per confirmed candidate (after compiling)
+  seed: int = 0
+
+
+def search(model: inference.Inference, heldout: tuple[np.ndarray, np.ndarray],
+           settings: SearchSettings, evaluator=None) -> dict:
+  """The whole search on `model` with held-out (images, labels); returns the JSON-able result."""
+  config = model.config
+  finest = finest_reference_flops(config)
+  own = Candidate(tuple(range(len(model.schedule))), tuple(model.schedule.boundaries))
+  budget = (flops_ratio(config, own, finest) if settings.budget == 'hand'
+            else float(settings.budget))
+  times = (np.arange(settings.num_times) + 0.5) / settings.num_times
+  images, labels = heldout
+  errors = velocity_errors(model, images[:settings.proxy_images],
+                           labels[:settings.proxy_images], times, settings.seed)
+  rows = []
+  for c in enumerate_candidates(config, settings.grid, settings.max_stages):
+    rows.append(dict(stages=list(c.stages), boundaries=list(c.boundaries), label=c.label(config),
+                     flops_ratio=flops_ratio(config, c, finest),
+                     proxy=proxy_score(c, errors, times)))
+  within = sorted((r for r in rows if r['flops_ratio'] <= budget + 1e-9), key=lambda r: r['proxy'])
+  if not within:
+    raise ValueError(f'no candidate schedule fits --budget={budget:.3f} of the finest-patch '
+                     'FLOPs; raise the budget or refine --grid')
+  front = pareto_front([(r['flops_ratio'], r['proxy']) for r in rows])
+  for i in front:
+    rows[i]['pareto'] = True
+  as_candidate = lambda r: Candidate(tuple(r['stages']), tuple(r['boundaries']))
+  named = {f"searched #{i + 1}: {r['label']}": as_candidate(r)
+           for i, r in enumerate(within[:settings.confirm])}
+  hand = hand_set(config)
+  named.update({f'hand-set {k}: {c.label(config)}': c for k, c in hand.items()})
+  finest_only = Candidate((len(model.schedule) - 1,), ())
+  named[f'finest only: {finest_only.label(config)}'] = finest_only
+  confirmed = confirm(model, named, evaluator, settings.num_samples, settings.timing_repeats)
+  for name, c in named.items():
+    confirmed[name].update(flops_ratio=flops_ratio(config, c, finest),
+                           proxy=proxy_score(c, errors, times), stages=list(c.stages),
+                           boundaries=list(c.boundaries))
+  searched = [n for n in named if n.startswith('searched')]
+  metric = 'fid' if evaluator is not None else 'proxy'
+  chosen = min(searched, key=lambda n: confirmed[n][metric])
+  restricted = config.train.regime not in ALL_TIME_REGIMES
+  return dict(
+      budget=budget, budget_arg=settings.budget, settings=dataclasses.asdict(settings),
+      regime=config.train.regime,
+      restriction=('ppflow regime: each patch only on the time range it was trained on, so '
+                   'only schedules inside those ranges are searched' if restricted else
+                   'every patch was trained at every t: any schedule is searched'),
+      num_candidates=len(rows), num_within_budget=len(within), times=times.tolist(),
+      stage_errors=errors.tolist(), candidates=rows, confirmed=confirmed, chosen=chosen,
+      chosen_by=metric, override=override_string(config, named[chosen])
+      if len(named[chosen].stages) == len(model.schedule) else None,
+      device=str(jax.devices()[0]), cpu_count=os.cpu_count())
+
+
+def pareto_plot(result: dict, path: str) -> None:
+  """FLOPs vs proxy (all candidates, Pareto front, budget) and FLOPs vs FID (confirmed)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  has_fid = any('fid' in r for r in result['confirmed'].values())
+  fig, axes = plt.subplots(1, 2 if has_fid else 1, figsize=(11 if has_fid else 6, 4.2),
+                           squeeze=False)
+  ax = axes[0, 0]
+  rows = result['candidates']
+  ax.scatter([r['flops_ratio'] for r in rows], [r['proxy'] for r in rows], s=10, c='0.6',
+             label='candidates')
+  front = sorted((r for r in rows if r.get('pareto')), key=lambda r: r['flops_ratio'])
+  ax.plot([r['flops_ratio'] for r in front], [r['proxy'] for r in front], 'b.-', label='Pareto front')
+  ax.axvline(result['budget'], color='k', ls=':', label=f"budget {result['budget']:.3f}")
+  for name, r in result['confirmed'].items():
+    marker = '*' if name.startswith('hand-set') else ('o' if name == result['chosen'] else 'x')
+    for a, y in ((ax, 'proxy'), (axes[0, 1] if has_fid else None, 'fid')):
+      if a is not None and y in r:
+        a.scatter([r['flops_ratio']], [r[y]], marker=marker, s=80, label=name)
+  ax.set_xlabel('Testing FLOPs / finest patch')
+  ax.set_ylabel('proxy: velocity MSE vs finest patch')
+  ax.set_yscale('symlog', linthresh=1e-4)
+  ax.legend(fontsize=6)
+  if has_fid:
+    axes[0, 1].set_xlabel('Testing FLOPs / finest patch')
+    axes[0, 1].set_ylabel('Fashion-MNIST FID')
+    axes[0, 1].legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def heldout_fashion_mnist(config: ml_collections.ConfigDict, n: int,
+                          seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """n Fashion-MNIST test images in [-1, 1] (32, 32, 1) and labels: data the model never saw."""
+  from ppflow_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
+  if (config.latent.height, config.latent.width, config.latent.channels) != (32, 32, 1):
+    raise ValueError('schedule_search scores the proxy on Fashion-MNIST test images, which need '
+                     f'a 32x32x1 latent; this config has {tuple(config.latent.values())}')
+  images, labels = fashion_mnist.load(config.data.path, 'test')
+  pick = np.random.default_rng(seed).permutation(len(images))[:n]
+  return images[pick].astype(np.float32) / 127.5 - 1.0, labels[pick]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, settings: SearchSettings,
+        out_dir: str = '', fid_cache: str = '') -> dict:
+  """Loads `workdir`'s weights, searches, writes search.json / override.txt / pareto.png."""
+  from ppflow_jax.experiments import compare  # pylint: disable=g-import-not-at-top
+  config = config_lib.resolve(config)
+  model = inference.Inference.from_workdir(workdir, config)
+  out_dir = out_dir or os.path.join(workdir, 'schedule_search')
+  os.makedirs(out_dir, exist_ok=True)
+  evaluator = compare.make_evaluator(fid_cache or os.path.join(workdir, 'fmnist_classifier'),
+                                     quick=False)
+  t0 = time.time()
+  result = search(model, heldout_fashion_mnist(config, settings.proxy_images, settings.seed),
+                  settings, evaluator)
+  result['seconds'] = time.time() - t0
+  with open(os.path.join(out_dir, 'search.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+  with open(os.path.join(out_dir, 'override.txt'), 'w') as f:
+    f.write((result['override'] or 'the chosen schedule uses a subset of the model stages; '
+             'see search.json') + '\n')
+  pareto_plot(result, os.path.join(out_dir, 'pareto.png'))
+  return result
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  f = flags.FLAGS
+  budget = f.budget if f.budget == 'hand' else float(f.budget)
+  settings = SearchSettings(budget=budget, grid=f.grid, max_stages=f.max_stages,
+                            confirm=f.confirm, num_samples=f.num_samples, seed=f.seed)
+  result = run(f.config, f.workdir, settings, f.out, f.fid_cache)
+  print(json.dumps({k: result[k] for k in ('budget', 'restriction', 'num_candidates',
+                                           'num_within_budget', 'chosen', 'override')}, indent=2))
+  for name, r in result['confirmed'].items():
+    print(f"{name:55s} FLOPs {r['flops_ratio']:.3f}  proxy {r['proxy']:.4f}  "
+          f"FID {r.get('fid', float('nan')):.2f}  {r['batch_seconds']:.3f} s/batch")
+
+
+if __name__ == '__main__':
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from ppflow_jax import cli  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file('config', None, 'Config file of the trained model.')
+  flags.DEFINE_string('workdir', None, 'The trained run (checkpoints or converted params).')
+  flags.DEFINE_string('budget', '0.5', "Fraction of finest-patch Testing FLOPs, or 'hand' (the "
+                      "config's own schedule's FLOPs).")
+  flags.DEFINE_float('grid', 0.125, 'Boundary grid step.')
+  flags.DEFINE_integer('max_stages', 3, 'Most stages per candidate.')
+  flags.DEFINE_integer('confirm', 3, 'Best candidates under the budget confirmed with the FID.')
+  flags.DEFINE_integer('num_samples', 200, 'Samples per confirmed schedule for the FID.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the proxy noise and held-out images.')
+  flags.DEFINE_string('out', '', 'Output directory (default WORKDIR/schedule_search).')
+  flags.DEFINE_string('fid_cache', '', 'Fashion-MNIST classifier cache (default in WORKDIR).')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  cli.run(main)
