@@ -72,6 +72,7 @@ TABLES = (
           bench_table),
     Table('bench_train_cpu', ('README.md', 'docs/bench.md'), 'docs/results/bench_train_cpu.json',
           bench_table),
+    Table('vs_torch_cpu', ('README.md', 'docs/bench.md'), 'docs/vs_torch_cpu.json', bench_table),
     Table('attention_cpu', ('docs/attention.md',), 'docs/attention_cpu.json', bench_table),
     Table('mini_repro', ('docs/mini_repro.md',), 'docs/mini_repro_results.json', mini_repro_table),
     Table('mini_repro_ft50', ('docs/mini_repro.md',), 'docs/mini_repro_ft50_results.json',
