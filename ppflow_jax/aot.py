@@ -2,6 +2,7 @@
 
   python -m ppflow_jax.aot --config=configs/ppf_xl_2.py --topology=v5p:4x4x2 \
       [--batch=N] [--sample_batch=N] [--programs=train,sample] [--json] [--config.model.remat=full]
+  python -m ppflow_jax.aot --config=configs/ppf_xl_2.py --topology=v5e:4x4 --search_batch
 
 With `libtpu` installed (requirements-test.txt) JAX describes any TPU topology without its chips
 (`jax.experimental.topologies`); the project's own `Trainer` train step and every sampler-stage
@@ -17,7 +18,8 @@ counts, so for programs with model loops (scanned blocks, sampler fori_loops) it
 are not per call: the useful-FLOP fraction (analytic / compiled) and the memory term of the
 roofline are then left out (None). The roofline step time is an ESTIMATE: max(analytic FLOPs /
 peak bf16 FLOP/s, bytes accessed / HBM bandwidth) with the chips' published peaks (CHIPS). Exits
-with status 2 and one line when a program does not fit the chip's HBM.
+with status 2 and one line when a program does not fit the chip's HBM. `--search_batch` instead
+finds the largest per-chip train batch that fits (`largest_fitting`: a few compiles).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import os
 import re
 import sys
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +42,7 @@ from ml_collections import config_flags
 from ppflow_jax import config_lib
 from ppflow_jax import flops as flops_lib
 from ppflow_jax import hlo
-from ppflow_jax import sampling
+from ppflow_jax import inference
 from ppflow_jax import sharding
 from ppflow_jax import train
 
@@ -178,9 +181,9 @@ def compile_sampler(trainer: train.Trainer, chip: Chip, chips: int, batch: int,
                     hlo_dir: str | None = None) -> list[dict]:
   """Every sampler-segment program (one per stage, CFG included) on `batch` images."""
   config, mesh = trainer.config, trainer.mesh
-  spec = sampling.SamplerSpec.from_config(config)
-  sampler = sampling.Sampler(trainer.graphdef, trainer.schedule, spec, config.model.num_classes)
   params = _sds(jax.eval_shape(trainer.init_state).ema, trainer.state_sharding.params)
+  sampler = inference.Inference.from_trainer(trainer, params).sampler()
+  spec = sampler.spec
   h, w, c = config.latent.height, config.latent.width, config.latent.channels
   rows = sharding.batch_sharding(mesh, 1)
   noise = jax.ShapeDtypeStruct((batch, h, w, c), jnp.float32,
@@ -209,11 +212,12 @@ def compile_sampler(trainer: train.Trainer, chip: Chip, chips: int, batch: int,
 
 def run(config: ml_collections.ConfigDict, topology: str, programs=PROGRAMS,
         batch: int | None = None, sample_batch: int | None = None, num_slices: int = 1,
-        hlo_dir: str | None = None) -> dict:
+        hlo_dir: str | None = None, hbm_gib: float | None = None) -> dict:
   """Compiles `programs` of `config` for `topology`; returns the report (see module docstring).
 
   batch: global train batch (default config.train.batch_size); sample_batch: sampler batch
-  (default: the train batch); hlo_dir: also write each program's compiled HLO text there.
+  (default: the train batch); hlo_dir: also write each program's compiled HLO text there;
+  hbm_gib: the HBM per chip a program may use (default: the chip's), e.g. to keep headroom.
   """
   unknown = set(programs) - set(PROGRAMS)
   if unknown:
@@ -223,6 +227,8 @@ def run(config: ml_collections.ConfigDict, topology: str, programs=PROGRAMS,
     config.train.batch_size = batch
   generation, _ = parse_topology(topology)
   chip = CHIPS[generation]
+  if hbm_gib:
+    chip = dataclasses.replace(chip, hbm_gib=hbm_gib)
   devices = topology_devices(topology, num_slices)
   mesh = sharding.make_mesh(config, devices)
   trainer = train.Trainer(config, mesh)
@@ -240,6 +246,86 @@ def run(config: ml_collections.ConfigDict, topology: str, programs=PROGRAMS,
     report['programs'] += compile_sampler(trainer, chip, len(devices),
                                           sample_batch or config.train.batch_size, hlo_dir)
   return report
+
+
+# -- the largest batch that fits -----------------------------------------------------------------
+
+
+def largest_fitting(peak_gib: Callable[[int], float | None], hbm_gib: float, start: int = 4,
+                    limit: int = 4096, max_trials: int = 16) -> tuple[int, list[dict]]:
+  """The largest n in [1, limit] with peak_gib(n) <= hbm_gib, and the trials that found it.
+
+  peak_gib(n) is a compile (minutes at XL), None when the compiler itself ran out of memory.
+  Peak memory grows almost linearly with the batch, so after two measured sizes the next one is
+  where the least-squares line through all measured peaks meets the HBM, between the largest size
+  that fits and the smallest that does not; the search ends when
+  those two are adjacent (typically four compiles); where the line misleads, it bisects.
+  """
+  lo, hi, trials, n = 0, limit + 1, [], min(start, limit)
+  while hi - lo > 1 and len(trials) < max_trials:
+    peak = peak_gib(n)
+    fits = peak is not None and peak <= hbm_gib
+    trials.append(dict(n=n, peak_gib=peak, fits=fits))
+    lo, hi = (max(lo, n), hi) if fits else (lo, min(hi, n))
+    known = [(t['n'], t['peak_gib']) for t in trials if t['peak_gib'] is not None]
+    if len({k for k, _ in known}) >= 2:
+      xs, ys = zip(*known)
+      mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+      slope = sum((x - mx) * (y - my) for x, y in known) / sum((x - mx) ** 2 for x in xs)
+      guess = mx + (hbm_gib - my) / slope if slope > 0 else 2.0 * lo
+    else:
+      guess = 2.0 * n if fits else n / 2
+    # Bisect where the line contradicts a measurement (the compiler ran out of memory before the
+    # line says, memory jumps) or after two failures in a row.
+    contradicts = guess < lo or (hi <= limit and guess >= hi)
+    twice = len(trials) > 1 and not (trials[-1]['fits'] or trials[-2]['fits'])
+    n = (lo + hi) // 2 if contradicts or twice else min(max(int(guess), lo + 1), hi - 1)
+  return lo, trials
+
+
+def search_batch(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1,
+                 hbm_gib: float | None = None, start: int = 4) -> dict:
+  """The largest per-chip train batch of `config` that fits the topology's HBM (train step only).
+
+  The global batch is the per-chip batch times the batch shards of the config's mesh (data x fsdp).
+  """
+  config = config_lib.resolve(config)
+  shards = sharding.batch_shards(sharding.make_mesh(config, topology_devices(topology, num_slices)))
+  hbm = hbm_gib or CHIPS[parse_topology(topology)[0]].hbm_gib
+  reports = {}
+
+  def peak(per_chip: int) -> float | None:
+    try:
+      reports[per_chip] = run(config, topology, ('train',), per_chip * shards,
+                              num_slices=num_slices, hbm_gib=hbm)
+    except DoesNotFit:
+      return None
+    return reports[per_chip]['programs'][0]['peak_gib']
+
+  best, trials = largest_fitting(peak, hbm, start)
+  tried = {t['n']: t['fits'] for t in trials}
+  # Confirmed: the size above the answer was compiled and did not fit (or the answer is 0).
+  confirmed = best == 0 or tried.get(best + 1) is False
+  for t in trials:
+    t.update(global_batch=t['n'] * shards,
+             compile_s=reports[t['n']]['programs'][0]['compile_s'] if t['n'] in reports else None)
+  return dict(topology=topology, num_slices=num_slices, hbm_gib=hbm, batch_shards=shards,
+              remat=config.model.remat, scan_blocks=config.model.scan_blocks,
+              largest_per_chip=best, largest_global_batch=best * shards, confirmed=confirmed,
+              trials=trials,
+              report=reports.get(best))
+
+
+def format_search(result: dict) -> str:
+  lines = [f"largest train batch that fits {result['hbm_gib']:g} GiB per chip on "
+           f"{result['topology']} (scan={result['scan_blocks']}, remat={result['remat']}): "
+           f"{result['largest_per_chip']} per chip = global {result['largest_global_batch']}"
+           + ('' if result['confirmed'] else ' (the search stopped before the next size failed)')]
+  for t in result['trials']:
+    peak = 'compiler OOM' if t['peak_gib'] is None else f"{t['peak_gib']:.2f} GiB"
+    lines.append(f"  per chip {t['n']:>5} (global {t['global_batch']:>6}): {peak:>12}  "
+                 f"{'fits' if t['fits'] else 'does not fit'}")
+  return '\n'.join(lines)
 
 
 def check_fits(report: dict) -> None:
@@ -286,9 +372,17 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   f = flags.FLAGS
+  if f.search_batch:
+    result = search_batch(f.config, f.topology, f.num_slices, f.hbm_gib or None)
+    print(json.dumps(result, indent=1) if f.json else format_search(result))
+    if not result['largest_per_chip']:
+      print('does not fit: not even one image per chip fits; try --config.model.remat=full, '
+            '--config.model.scan_blocks=True or more fsdp (--config.mesh.fsdp)', file=sys.stderr)
+      sys.exit(2)
+    return
   try:
     report = run(f.config, f.topology, tuple(f.programs), f.batch or None, f.sample_batch or None,
-                 f.num_slices, f.hlo_dir or None)
+                 f.num_slices, f.hlo_dir or None, f.hbm_gib or None)
     print(json.dumps(report, indent=1) if f.json else format_report(report))
     check_fits(report)
   except DoesNotFit as e:
@@ -307,5 +401,8 @@ if __name__ == '__main__':
   flags.DEFINE_list('programs', list(PROGRAMS), 'Which programs to compile.')
   flags.DEFINE_bool('json', False, 'Print the report as JSON.')
   flags.DEFINE_string('hlo_dir', '', 'Also write each compiled program as HLO text there.')
+  flags.DEFINE_float('hbm_gib', 0, 'HBM per chip a program may use (0: the chip\'s).')
+  flags.DEFINE_bool('search_batch', False, 'Find the largest per-chip train batch that fits '
+                    '(a few train-step compiles); ignores --batch and --programs.')
   flags.mark_flags_as_required(['config'])
   app.run(main)

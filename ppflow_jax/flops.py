@@ -47,8 +47,8 @@ from ppflow_jax import stages as stages_lib
 from ppflow_jax.models import dit
 from ppflow_jax.models import mpdit
 
-# variant -> f(resolved config, stage) -> {term name: MACs of one forward of one sample}.
-ForwardCounter = Callable[[ml_collections.ConfigDict, int], dict[str, int]]
+# variant -> f(resolved config, its schedule, stage) -> {term: MACs of one forward of one sample}.
+ForwardCounter = Callable[[ml_collections.ConfigDict, stages_lib.Schedule, int], dict[str, int]]
 FORWARD_COUNTERS: dict[str, ForwardCounter] = {}
 
 
@@ -82,10 +82,10 @@ def _sum_terms(terms: list[dict[str, int]]) -> dict[str, int]:
 
 
 @register('ppf')
-def ppf_forward_macs(config: ml_collections.ConfigDict, stage: int) -> dict[str, int]:
+def ppf_forward_macs(config: ml_collections.ConfigDict, schedule: stages_lib.Schedule,
+                     stage: int) -> dict[str, int]:
   """MACs per term of one PPFModel forward of one sample at `stage` (SiT for one stage)."""
   m = config.model
-  schedule = stages_lib.from_config(config)
   d, tokens = m.hidden_size, schedule.num_tokens(stage)
   patch_dim = schedule.stages[stage].patch_area * config.latent.channels
   out_dim = patch_dim * (2 if m.learn_sigma else 1)
@@ -98,9 +98,10 @@ def ppf_forward_macs(config: ml_collections.ConfigDict, stage: int) -> dict[str,
 
 
 @register('mpdit')
-def mpdit_forward_macs(config: ml_collections.ConfigDict, stage: int) -> dict[str, int]:
+def mpdit_forward_macs(config: ml_collections.ConfigDict, schedule: stages_lib.Schedule,
+                       stage: int) -> dict[str, int]:
   """MACs per term of one MPDiT forward of one sample (one stage; attention at real lengths)."""
-  del stage  # MPDiT has one schedule stage
+  del schedule, stage  # MPDiT has one schedule stage
   return mpdit.forward_macs_terms(config, attention='exact')
 
 
@@ -139,7 +140,7 @@ def _forward(m: _Model, stage: int) -> dict:
   if not 0 <= stage < len(m.schedule):
     raise ValueError(f'stage {stage} does not exist: the schedule has {len(m.schedule)} stages '
                      f'(0 = coarsest .. {len(m.schedule) - 1} = finest)')
-  terms = _counter(m.config)(m.config, stage)
+  terms = _counter(m.config)(m.config, m.schedule, stage)
   macs = sum(terms.values())
   return dict(stage=stage, patch=m.schedule.stages[stage].patch,
               tokens=m.schedule.num_tokens(stage), macs=macs, flops=2 * macs, terms=terms)

@@ -11,9 +11,11 @@ experiments and the Colab notebook sample with. Build one with
   Inference.from_trainer(trainer, params)    a Trainer's graph and shardings (after training).
 
 then `sampler(**overrides)` gives the per-stage sampler programs of config.sample (with
-`sampling.SamplerSpec` overrides, e.g. `force_finest=True`), `generate(labels, seed)` samples
-latents (N, H, W, C) in chunks of config.sample.batch_size (sample i depends only on (seed, i)),
-and `decode(latents)` maps them to images with the VAE, if there is one.
+`sampling.SamplerSpec` overrides, e.g. `force_finest=True`; one Sampler per spec, kept, so a
+second call does not compile again), `generate(labels, seed)` samples latents (N, H, W, C) in
+chunks of config.sample.batch_size (sample i depends only on (seed, i)), and `decode(latents)`
+maps them to images with the VAE, if there is one. `sample.Pipeline` (the sampling command and
+the notebook API) wraps one.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class Inference:
   mesh: jax.sharding.Mesh
   step: int = 0                       # training step of the weights (0: imported or fresh)
   vae: Any = None                     # models.vae.AutoencoderKL, or None: latents are images
+  # Samplers built so far, by spec (not copied by dataclasses.replace: a new config, new ones).
+  _samplers: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
+                                      compare=False)
 
   # -- constructors ---------------------------------------------------------------------------
 
@@ -98,14 +103,17 @@ class Inference:
     return sharding.batch_shards(self.mesh)
 
   def sampler(self, **spec_overrides) -> sampling.Sampler:
-    """The sampler of config.sample with SamplerSpec field overrides; a new one compiles anew."""
+    """The sampler of config.sample with SamplerSpec field overrides (built once per spec)."""
     spec = sampling.SamplerSpec.from_config(self.config, **spec_overrides)
-    return adaptive.make_sampler(self.graphdef, self.schedule, spec, self.config.model.num_classes)
+    if spec not in self._samplers:
+      self._samplers[spec] = adaptive.make_sampler(self.graphdef, self.schedule, spec,
+                                                   self.config.model.num_classes)
+    return self._samplers[spec]
 
   def generate(self, labels: np.ndarray, seed: int, **spec_overrides) -> np.ndarray:
     """labels: (N,) int -> latents (N, H, W, C), sample i from `sampling.index_noise(.., i, seed)`."""
     return sampling.sample_in_chunks(self.sampler(**spec_overrides), self.params,
-                                     self.latent_shape, labels, seed,
+                                     self.latent_shape, np.asarray(labels, np.int32), seed,
                                      self.config.sample.batch_size)[0]
 
   def decode(self, latents: jax.Array) -> jax.Array:

@@ -13,10 +13,14 @@ Object stores cannot append: `append_text` rewrites the whole (small) object, an
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
+import tempfile
+from typing import BinaryIO, Iterator
 
+import numpy as np
 from etils import epath
 
 from ppflow_jax import errors
@@ -83,8 +87,48 @@ def write_text(path, text: str) -> None:
   as_path(path).write_text(text)
 
 
+def read_bytes(path) -> bytes:
+  return as_path(path).read_bytes()
+
+
 def write_bytes(path, data: bytes) -> None:
   as_path(path).write_bytes(data)
+
+
+@contextlib.contextmanager
+def open_atomic(path) -> Iterator[BinaryIO]:
+  """A binary file to write `path` through; readers see the old file or all of the new one,
+  never a part: a local file is written beside and renamed over when the block ends, an object
+  store publishes the object when it is closed."""
+  text = check(path)
+  if is_url(text):
+    with as_path(text).open('wb') as f:
+      yield f
+    return
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(text)), suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      yield f
+    os.replace(tmp, text)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def save_npz(path, **arrays) -> None:
+  """np.savez to `path`, atomically (`open_atomic`)."""
+  with open_atomic(path) as f:
+    np.savez(f, **arrays)
+
+
+def load_npz(path) -> np.lib.npyio.NpzFile:
+  """np.load of a local or remote .npz, read whole (use as a context manager)."""
+  return np.load(io.BytesIO(read_bytes(path)))
+
+
+def glob(directory, pattern: str) -> list[str]:
+  """Sorted names `directory/<match>` of `pattern` (e.g. 'chunk_*.npz'), local or URL."""
+  return sorted(os.fspath(p) for p in as_path(directory).glob(pattern))
 
 
 def append_text(path, text: str) -> None:

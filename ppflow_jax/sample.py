@@ -15,6 +15,9 @@ In Python (what launch/colab_sampling.ipynb uses):
 
   pipe = Pipeline.from_pretrained('PPF-XL-2')                   # or a path, a URL, a workdir
   images = pipe(class_labels=[207, 360], seed=0)                # uint8 (N, 256, 256, 3)
+
+A Pipeline samples through its `inference.Inference` (`pipe.model`), the one sampling path of
+`main --mode=sample`, `sample_fid`, the report and the benchmarks.
 """
 
 from __future__ import annotations
@@ -31,13 +34,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from ppflow_jax import adaptive
 from ppflow_jax import config_lib
 from ppflow_jax import errors
+from ppflow_jax import inference
 from ppflow_jax import paths
 from ppflow_jax import report
-from ppflow_jax import sampling
-from ppflow_jax import stages
+from ppflow_jax import sharding
 from ppflow_jax import weights
 
 # SiT's sample.py: --vae {ema, mse}, the SD VAEs fine-tuned by Stability AI.
@@ -84,12 +86,11 @@ def _cache_key(file: str, config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def load_params(spec: str, config: ml_collections.ConfigDict, *, progress: bool = True,
-                say=print) -> dict:
+def load_params(spec: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
+                progress: bool = True, say=print) -> dict:
   """Params of `config`'s model from a released name, URL, weight file or converted workdir;
   a PyTorch/safetensors file is converted once and cached under $PPFLOW_CACHE/converted/."""
-  from ppflow_jax import checkpoint, convert, sharding  # pylint: disable=g-import-not-at-top
-  mesh = sharding.make_mesh(config)
+  from ppflow_jax import checkpoint, convert  # pylint: disable=g-import-not-at-top
   if paths.isdir(spec):  # the one params-only format, guarded by its model fields
     return checkpoint.load_params(spec, config, mesh)
   file = weights.resolve(spec, progress=progress)
@@ -106,13 +107,11 @@ def load_params(spec: str, config: ml_collections.ConfigDict, *, progress: bool 
   return params
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Pipeline:
-  """A model, its sampler and (optionally) a VAE: class labels in, images out."""
-  config: ml_collections.ConfigDict
-  graphdef: nnx.GraphDef
-  params: dict
-  vae: nnx.Module | None = None
+  """Class labels in, images out: an `inference.Inference` (model, sampler, optional VAE) with
+  label checks and uint8 output."""
+  model: inference.Inference
 
   @classmethod
   def from_pretrained(cls, ckpt: str, *, config: ml_collections.ConfigDict | str | None = None,
@@ -127,39 +126,41 @@ class Pipeline:
     if vae:
       from ppflow_jax.convert import vae as vae_lib  # pylint: disable=g-import-not-at-top
       decoder = vae_lib.load_diffusers_vae(weights.resolve(VAES.get(vae, vae), progress=progress))
-    return cls.from_params(config, load_params(ckpt, config, progress=progress, say=say),
-                           decoder)
+    mesh = sharding.make_mesh(config)
+    params = load_params(ckpt, config, mesh, progress=progress, say=say)
+    return cls(inference.Inference.from_params(config, params, mesh=mesh, vae=decoder))
 
   @classmethod
   def from_params(cls, config: ml_collections.ConfigDict, params: dict,
                   vae: nnx.Module | None = None) -> Pipeline:
     """A pipeline around params already in memory (pure dict of `config`'s model)."""
-    from ppflow_jax.models import build_model  # pylint: disable=g-import-not-at-top
-    config = config_lib.resolve(config)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0))))
-    return cls(config, graphdef, jax.device_put(params), vae)
+    return cls(inference.Inference.from_params(config, params, vae=vae))
 
-  def sampler(self, **spec_overrides) -> sampling.Sampler:
-    return adaptive.make_sampler(self.graphdef, stages.from_config(self.config),
-                                 sampling.SamplerSpec.from_config(self.config, **spec_overrides),
-                                 self.config.model.num_classes)
+  @property
+  def config(self) -> ml_collections.ConfigDict:
+    return self.model.config
+
+  @property
+  def params(self) -> dict:
+    return self.model.params
+
+  @property
+  def vae(self) -> nnx.Module | None:
+    return self.model.vae
+
+  def with_vae(self, vae: nnx.Module | None) -> Pipeline:
+    """The same model decoding with another VAE (e.g. one VAE shared by two pipelines)."""
+    return Pipeline(dataclasses.replace(self.model, vae=vae))
 
   def latents(self, class_labels: Sequence[int], seed: int = 0, **spec_overrides) -> np.ndarray:
     """Latents (N, h, w, C) for the labels; sample i depends only on (seed, i)."""
     labels = np.asarray(class_labels, np.int32)
     parse_labels(','.join(map(str, labels.tolist())), self.config.model.num_classes)
-    noise, keys = sampling.index_noise(
-        (self.config.latent.height, self.config.latent.width, self.config.latent.channels),
-        jnp.arange(len(labels)), seed)
-    x = self.sampler(**spec_overrides).sample(self.params, noise, jnp.asarray(labels), keys)
-    return np.asarray(jax.block_until_ready(x))
+    return self.model.generate(labels, seed, **spec_overrides)
 
   def decode(self, latents: np.ndarray) -> np.ndarray:
     """Latents -> uint8 images (N, H, W, C): the VAE decoder, or the latents as images."""
-    x = jnp.asarray(latents)
-    if self.vae is not None:
-      x = self.vae.decode(x / self.config.vae.scaling_factor)
-    return report.to_uint8(x)
+    return report.to_uint8(self.model.decode(jnp.asarray(latents)))
 
   def __call__(self, class_labels: Sequence[int], seed: int = 0, **spec_overrides) -> np.ndarray:
     """uint8 images (N, H, W, C) for `class_labels` (spec overrides: num_steps=, method=, ...)."""
@@ -170,7 +171,7 @@ def run(ckpt: str, class_labels: Sequence[int], *, seed: int, out: str,
         config: ml_collections.ConfigDict | None, vae: str | None, nrow: int) -> float:
   """The command: builds the pipeline, samples (timed), writes the grid; returns the seconds."""
   pipe = Pipeline.from_pretrained(ckpt, config=config, vae=vae)
-  spec = sampling.SamplerSpec.from_config(pipe.config)
+  spec = pipe.model.sampler().spec
   print(f'sampling {len(class_labels)} images: {spec.method}, {spec.num_steps} grid points, '
         f'CFG {list(pipe.config.schedule.cfg_scales)} per stage, on {jax.devices()[0].device_kind}')
   t0 = time.perf_counter()

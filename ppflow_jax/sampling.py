@@ -358,6 +358,13 @@ class Timing:
   seconds: float
   groups: dict  # {(stage, guided): seconds}
 
+  def per_stage(self, num_stages: int) -> list[float]:
+    """Seconds per model stage (guided and unguided segments together)."""
+    out = [0.0] * num_stages
+    for (stage, _), sec in self.groups.items():
+      out[stage] += sec
+    return out
+
 
 def timed_sample(sampler: Sampler, state: nnx.State, noise: jax.Array, labels: jax.Array,
                  keys: jax.Array | None = None) -> tuple[jax.Array, Timing]:

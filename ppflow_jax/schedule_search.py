@@ -210,9 +210,9 @@ def candidate_sampler(model: inference.Inference, c: Candidate, **spec_overrides
   cc = config_lib.resolve(candidate_config(model.config, c))
   net = StageMap(nnx.merge(model.graphdef, model.params), c.stages)
   graphdef, state = nnx.split(net)
-  spec = sampling.SamplerSpec.from_config(cc, **spec_overrides)
-  return sampling.Sampler(graphdef, stages_lib.from_config(cc), spec,
-                          cc.model.num_classes), state
+  mapped = inference.Inference(cc, graphdef, state, stages_lib.from_config(cc), model.mesh,
+                               model.step)
+  return mapped.sampler(**spec_overrides), state
 
 
 def confirm(model: inference.Inference, named: dict[str, Candidate], evaluator, num_samples: int,

@@ -7,10 +7,8 @@ A generated table sits between two markers in its Markdown file,
   <!-- end table: NAME -->
 
 and is rendered from its JSON artifact (written by the run that measured it: the default run's
-`report.json`, the comparison's `compare.json`) with the same formatting code as that run's own
-Markdown. Not yet covered: the CPU benchmark tables (no committed `--json` output yet) and the
-mini reproduction's (its module cannot be imported beside compare.py until their absl flags move
-to the entry points).
+`report.json`, the comparison's `compare.json`, the mini reproduction's `results.json`, a
+benchmark's `--json`) with the same formatting code as that run's own Markdown.
 
   python -m ppflow_jax.tables           # rewrite the tables from the JSON files
   python -m ppflow_jax.tables --check   # exit 1 if a table differs from its JSON
@@ -46,6 +44,19 @@ def compare_table(result: dict) -> str:
   return _lines(compare.markdown(result['rows'], result['meta']), lambda l: l.startswith('|'))
 
 
+def mini_repro_table(result: dict) -> str:
+  from ppflow_jax.experiments import mini_repro  # pylint: disable=g-import-not-at-top
+  return _lines(mini_repro.markdown(result), lambda l: l.startswith('|'))
+
+
+def bench_table(result: dict) -> str:
+  """A benchmark's Markdown table (bench.sample, bench.train or bench.vs_torch JSON)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from ppflow_jax.bench import common  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(f'ppflow_jax.bench.{result["benchmark"]}')
+  return common.markdown_table(*module.table(result))
+
+
 @dataclasses.dataclass(frozen=True)
 class Table:
   name: str
@@ -57,6 +68,14 @@ class Table:
 TABLES = (
     Table('default_report', ('README.md',), 'docs/results/default_report.json', default_report),
     Table('compare', ('docs/variants.md',), 'docs/compare_results.json', compare_table),
+    Table('bench_sample_cpu', ('README.md', 'docs/bench.md'), 'docs/results/bench_sample_cpu.json',
+          bench_table),
+    Table('bench_train_cpu', ('README.md', 'docs/bench.md'), 'docs/results/bench_train_cpu.json',
+          bench_table),
+    Table('attention_cpu', ('docs/attention.md',), 'docs/attention_cpu.json', bench_table),
+    Table('mini_repro', ('docs/mini_repro.md',), 'docs/mini_repro_results.json', mini_repro_table),
+    Table('mini_repro_ft50', ('docs/mini_repro.md',), 'docs/mini_repro_ft50_results.json',
+          mini_repro_table),
 )
 
 

@@ -1,6 +1,7 @@
-"""Runs many `ppflow_jax.main` command lines in one process (one interpreter start instead of one
-per case): `python tests/cli_cases.py CASES.json` with a JSON list of argv lists prints a JSON list
-of {"code": exit status, "stderr": text} on its last line. Flags are reset between cases."""
+"""Runs many command lines of one command (`ppflow_jax.main` or `ppflow_jax.evaluation.evaluate`)
+in one process (one interpreter start instead of one per case): `python tests/cli_cases.py
+CASES.json` with a JSON list of [module, *args] lists, all of one module, prints a JSON list of
+{"code": exit status, "stderr": text} on its last line. Flags are reset between cases."""
 
 import contextlib
 import io
@@ -11,6 +12,9 @@ from absl import flags
 
 from ppflow_jax import cli
 from ppflow_jax import main as main_lib
+from ppflow_jax.evaluation import evaluate
+
+COMMANDS = {'ppflow_jax.main': main_lib, 'ppflow_jax.evaluation.evaluate': evaluate}
 
 
 def run_case(argv: list[str]) -> dict:
@@ -23,14 +27,15 @@ def run_case(argv: list[str]) -> dict:
   code = 0
   with contextlib.redirect_stderr(err):
     try:
-      cli.run(main_lib.main, argv=['ppflow_jax.main', *argv])
+      cli.run(COMMANDS[argv[0]].main, argv=argv)
     except SystemExit as e:
       code = e.code if isinstance(e.code, int) else 1
   return {'code': code, 'stderr': err.getvalue()}
 
 
 if __name__ == '__main__':
-  main_lib.define_flags()  # main defines its flags only when it runs as a command
   with open(sys.argv[1]) as f:
     cases = json.load(f)
+  (module,) = {case[0] for case in cases}  # one command's flags (main's are required flags)
+  COMMANDS[module].define_flags()  # defined only when a module runs as a command
   print(json.dumps([run_case(argv) for argv in cases]))

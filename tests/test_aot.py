@@ -157,3 +157,61 @@ def test_multi_slice_mesh_puts_data_across_slices():
   config.mesh.update(data=1, fsdp=-1)
   with pytest.raises(ValueError, match='must be a multiple of the 2 slices'):
     aot.sharding.make_mesh(config, devices)
+
+
+# -- the largest batch that fits (the search logic; a real XL search is docs/tpu_aot.md's) -------
+
+
+@pytest.mark.parametrize('peak, hbm, limit, expected', [
+    (lambda n: 1.0 + 0.37 * n, 16, 4096, 40),                      # linear: (16 - 1) / 0.37
+    (lambda n: 1.0 + 0.37 * n if n < 30 else None, 16, 4096, 29),  # the compiler OOMs first
+    (lambda n: 2.0 + 0.1 * n + (5 if n > 50 else 0), 16, 4096, 90),  # a step in memory
+    (lambda n: 20.0, 16, 4096, 0),                                 # nothing fits
+    (lambda n: 0.1 * n, 16, 64, 64),                               # everything up to the limit
+])
+def test_largest_fitting_finds_the_boundary(peak, hbm, limit, expected):
+  calls = []
+  best, trials = aot.largest_fitting(lambda n: calls.append(n) or peak(n), hbm, limit=limit)
+  assert best == expected
+  assert [t['n'] for t in trials] == calls and len(set(calls)) == len(calls)  # no repeats
+  fits = {t['n'] for t in trials if t['fits']}
+  assert (best in fits or best == 0) and (best + 1 in calls or best == limit)  # both sides seen
+  if expected == 40:
+    assert len(calls) <= 4   # linear memory: two sizes, the prediction, one above it
+
+
+def test_search_batch_counts_global_batch_over_batch_shards(monkeypatch):
+  config = report_config()
+  config.mesh.update(data=2, fsdp=2)
+  seen = []
+
+  def fake_run(cfg, topology, programs, batch, num_slices, hbm_gib):
+    seen.append((programs, batch, hbm_gib))
+    if batch // 4 > 12:
+      raise aot.DoesNotFit('train: the TPU compiler ran out of HBM')
+    return dict(programs=[dict(peak_gib=0.5 + 0.25 * batch / 4, compile_s=1.0)])
+
+  monkeypatch.setattr(aot, 'run', fake_run)
+  result = aot.search_batch(config, 'v5e:2x2', hbm_gib=3.0)
+  assert result['batch_shards'] == 4 and result['hbm_gib'] == 3.0
+  assert result['largest_per_chip'] == 10 and result['largest_global_batch'] == 40
+  assert result['confirmed']
+  assert all(p == ('train',) and b % 4 == 0 and h == 3.0 for p, b, h in seen)
+  text = aot.format_search(result)
+  assert 'largest train batch that fits 3 GiB per chip on v5e:2x2' in text
+  assert '10 per chip = global 40' in text
+
+
+def test_search_rows_and_their_table():
+  from ppflow_jax.bench import aot as bench_aot  # pylint: disable=g-import-not-at-top
+  cmd = bench_aot.row_command('ppf_xl_2_v5e16_bmax_scan_full')
+  assert '--search_batch' in cmd and not any(c.startswith('--batch') for c in cmd)
+  with pytest.raises(ValueError, match='no _s with bmax'):
+    bench_aot.row_command('ppf_xl_2_v5e16_bmax_scan_full_s')
+  program = dict(peak_gib=15.8, lower_s=3.0, compile_s=100.0, lower_cpu_s=2.0, compile_cpu_s=90.0)
+  search = dict(batch_shards=16, remat='full', scan_blocks=True, largest_per_chip=40,
+                largest_global_batch=640, hbm_gib=16, confirmed=True, trials=[{}] * 4,
+                report=dict(programs=[program]))
+  table = bench_aot.markdown([dict(row='ppf_xl_2_v5e16_bmax_scan_full', report=search)])
+  assert ('| ppf_xl_2_v5e16_bmax_scan_full | 16 | full | True | 40 | 640 | 15.80 | 16 | yes | 4 '
+          '| 103 (92) |') in table

@@ -6,10 +6,10 @@ import json
 import os
 import subprocess
 import sys
-import types
-
 import pytest
 
+from ppflow_jax import config_lib
+from ppflow_jax import errors
 from ppflow_jax import flops
 from ppflow_jax import sampling
 from ppflow_jax import stages as stages_lib
@@ -20,8 +20,13 @@ from ppflow_jax.bench import train as bench_train
 from ppflow_jax.bench import vs_torch
 from tests.helpers import ROOT
 
-OPTS = dict(common.TINY, depth=1, hidden_size=32, dtype='float32', attention='auto', repeats=1,
-            cfg_scale=1.5)
+
+
+def tiny_opts(models) -> dict:
+  """configs/bench.py:tiny, one block narrower still; one timed repeat."""
+  config = config_lib.load_config('bench:tiny')
+  config.model.update(depth=1, hidden_size=32)
+  return common.options(config, models, repeats=1, cfg_scale=1.5)
 
 
 def test_peak_table_and_spread():
@@ -35,16 +40,19 @@ def test_peak_table_and_spread():
   assert common.mfu(494.5e12, dict(peak_bf16_flops=989e12, device_count=1)) == 0.5
   s = common.spread([4.0, 1.0, 3.0, 2.0, 10.0])
   assert (s['median'], s['min'], s['max'], s['q1'], s['q3']) == (3.0, 1.0, 10.0, 2.0, 4.0)
-  with pytest.raises(ValueError, match='unknown'):
-    common.model_options(types.SimpleNamespace(**OPTS, models=['dit'], tiny=False))
+  with pytest.raises(errors.UserError, match='unknown'):
+    tiny_opts(['dit'])
 
 
 def test_sample_benchmark_tiny():
   spec = sampling.SamplerSpec(method='heun', num_steps=9)  # 8 steps: every stage gets a full step
-  result = bench_sample.run_benchmark(dict(OPTS, models=['sit', 'ppf3']), spec)
+  opts = tiny_opts(['sit', 'ppf3'])
+  result = bench_sample.run_benchmark(opts, spec)
   sit, ppf3 = result['results']
+  assert result['options']['config']['model']['depth'] == 1  # the config, as JSON
   for r in result['results']:
-    config = common.make_config(r['model'], **OPTS)
+    config = common.make_config(r['model'], opts)
+    assert tuple(config.schedule.cfg_scales) == (1.5,) * common.MODELS[r['model']]
     expected = sampling.num_evaluations(stages_lib.from_config(config), spec)
     assert [s['evaluations'] for s in r['stages']] == expected and sum(expected) == 16
     assert r['traces'] == len(expected)  # one compiled program per stage
@@ -59,13 +67,13 @@ def test_sample_benchmark_tiny():
 
 
 def test_train_benchmark_tiny():
-  result = bench_train.run_benchmark(dict(OPTS, models=['sit', 'ppf2']), steps=1,
-                                     packings=(True,))
+  opts = tiny_opts(['sit', 'ppf2'])
+  result = bench_train.run_benchmark(opts, steps=1, packings=(True,))
   sit, ppf2 = result['results']
   assert (sit['packing'], ppf2['packing']) == (None, True)
   assert ppf2['bucket_sizes'] == [2, 2]
   assert (sit['tokens_per_step'], ppf2['tokens_per_step']) == (4 * 64, 2 * 16 + 2 * 64)
-  config = common.make_config('ppf2', **OPTS)
+  config = common.make_config('ppf2', opts)
   assert ppf2['speedup_flops_bound'] == pytest.approx(
       1 / flops.training_flops(config, batch_size=4)['ratio'])
   assert ppf2['speedup_packed_dense_bound'] < ppf2['speedup_flops_bound']
@@ -79,8 +87,8 @@ def test_sample_cli_writes_json(tmp_path):
   out = tmp_path / 'sample.json'
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
   proc = subprocess.run(
-      [sys.executable, '-m', 'ppflow_jax.bench.sample', '--tiny', '--models=sit',
-       '--dtype=float32', '--repeats=1', f'--json={out}', '--markdown'],
+      [sys.executable, '-m', 'ppflow_jax.bench.sample', '--config=bench:tiny', '--models=sit',
+       '--steps=8', '--repeats=1', f'--json={out}', '--markdown'],
       cwd=ROOT, env=env, capture_output=True, text=True, check=True)
   assert '| SiT |' in proc.stdout
   result = json.loads(out.read_text())
@@ -109,8 +117,9 @@ def test_gpu_suite_runs_end_to_end_on_cpu(tmp_path):
   out = tmp_path / 'suite.json'
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
   proc = subprocess.run(
-      [sys.executable, '-m', 'ppflow_jax.bench.suite', '--tiny', '--models=ppf2',
-       '--dtype=float32', '--torch_threads=1', f'--json={out}'],
+      [sys.executable, '-m', 'ppflow_jax.bench.suite', '--config=bench:tiny', '--models=ppf2',
+       '--steps=4', '--train_steps=1', '--rounds=1', '--repeats=1', '--torch_threads=1',
+       f'--json={out}'],
       cwd=ROOT, env=env, capture_output=True, text=True, check=True)
   assert '| PPF-2 |' in proc.stdout and '| PPF-2 | torch | n/a |' in proc.stdout
   result = json.loads(out.read_text())

@@ -23,7 +23,7 @@ from ppflow_jax.convert import torch_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, 'docs', 'errors.md')
-PREFIX = 'python -m ppflow_jax.main '
+PREFIX = 'python -m '
 
 
 def doc_rows() -> list[tuple[str, str]]:
@@ -31,7 +31,8 @@ def doc_rows() -> list[tuple[str, str]]:
   rows = []
   with open(DOC) as f:
     for line in f:
-      m = re.match(r'^\| `(python -m ppflow_jax\.main [^`]*)` \| `(error: [^`]*)` \|$', line.strip())
+      m = re.match(r'^\| `(python -m ppflow_jax\.(?:main|evaluation\.evaluate) [^`]*)` \| '
+                   r'`(error: [^`]*)` \|$', line.strip())
       if m:
         rows.append((m[1], m[2]))
   return rows
@@ -44,7 +45,8 @@ class _Reducer:
 
 def write_bad_files(bad: str) -> None:
   """The files the table's rows name: empty, truncated, an HTML page, a CRC failure, a pickle
-  that runs code, and a whole file to damage."""
+  that runs code, a whole file to damage, and an ADM reference batch (statistics only) for the
+  evaluator's rows."""
   import torch  # pylint: disable=g-import-not-at-top
   os.makedirs(bad)
   good = os.path.join(bad, 'good.pt')
@@ -64,6 +66,8 @@ def write_bad_files(bad: str) -> None:
   with open(os.path.join(bad, 'crc.pt'), 'wb') as f:
     f.write(bytes(damaged))
   torch.save({'w': torch.zeros(2), 'x': _Reducer()}, os.path.join(bad, 'unsafe.pt'))
+  np.savez(os.path.join(bad, 'ref.npz'), mu=np.zeros(2), sigma=np.eye(2), mu_s=np.zeros(2),
+           sigma_s=np.eye(2))
 
 
 @pytest.fixture(scope='module')
@@ -71,18 +75,24 @@ def table_results(tmp_path_factory):
   """Runs every documented command once; returns {command: (exit status, stderr)}."""
   scratch = str(tmp_path_factory.mktemp('errors'))
   write_bad_files(os.path.join(scratch, 'bad'))
-  rows = doc_rows()
-  cases = [shlex.split(cmd[len(PREFIX):]) for cmd, _ in rows]
-  with open(os.path.join(scratch, 'cases.json'), 'w') as f:
-    json.dump(cases, f)
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join(
       p for p in (ROOT, os.environ.get('PYTHONPATH')) if p))
-  p = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'cli_cases.py'), 'cases.json'],
-                     cwd=scratch, env=env, capture_output=True, text=True, timeout=600)
-  assert p.returncode == 0, p.stderr[-3000:]
-  results = json.loads(p.stdout.strip().splitlines()[-1])
-  return {cmd: (r['code'], r['stderr'].replace(scratch, '.'))
-          for (cmd, _), r in zip(rows, results)}
+  by_module = {}
+  for cmd, _ in doc_rows():
+    case = shlex.split(cmd[len(PREFIX):])
+    by_module.setdefault(case[0], []).append((cmd, case))
+  out = {}
+  for module, rows in by_module.items():  # one interpreter per command
+    with open(os.path.join(scratch, 'cases.json'), 'w') as f:
+      json.dump([case for _, case in rows], f)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'cli_cases.py'),
+                        'cases.json'], cwd=scratch, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads(p.stdout.strip().splitlines()[-1])
+    out.update({cmd: (r['code'], r['stderr'].replace(scratch, '.'))
+                for (cmd, _), r in zip(rows, results)})
+  return out
 
 
 def test_table_has_enough_rows():
@@ -106,10 +116,18 @@ def test_documented_message(table_results, command, message):
     ('unsafe.pt', torch_io.UnsafeCheckpointError),
 ])
 def test_weight_file_kinds(tmp_path, name, kind):
+  """The same diagnosis from the reader and from the VAE and Inception importers built on it."""
+  from ppflow_jax.convert import inception, vae  # pylint: disable=g-import-not-at-top
   write_bad_files(str(tmp_path / 'bad'))
-  with pytest.raises(kind) as e:
-    torch_io.read_state_dict(str(tmp_path / 'bad' / name))
-  assert name in str(e.value)
+  path = str(tmp_path / 'bad' / name)
+  messages = set()
+  for load in (torch_io.read_state_dict, vae.load_diffusers_vae,
+               inception.load_pytorch_fid_weights):
+    with pytest.raises(kind) as e:
+      load(path)
+    assert path in str(e.value)
+    messages.add(str(e.value))
+  assert len(messages) == 1
   assert torch_io.read_state_dict(str(tmp_path / 'bad' / 'good.pt'))['w'].shape == (4096,)
 
 

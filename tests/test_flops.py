@@ -126,7 +126,7 @@ def test_variant_registry_and_errors(monkeypatch):
   with pytest.raises(ValueError, match="no FLOPs count for config.model.variant='mpdit'"):
     flops.forward_flops(config, 0)
   # A variant plugs in its own per-forward count; sampling/ratio code is shared.
-  monkeypatch.setitem(flops.FORWARD_COUNTERS, 'mpdit', lambda c, stage: dict(blocks=10 ** stage))
+  monkeypatch.setitem(flops.FORWARD_COUNTERS, 'mpdit', lambda c, schedule, stage: dict(blocks=10 ** stage))
   assert flops.forward_flops(config, 1)['flops'] == 20
   assert flops.testing_flops_ratio(config) == pytest.approx(0.55, abs=0.05)
 

@@ -111,3 +111,31 @@ def test_labels_are_checked():
     parse_labels('a,b')
   with pytest.raises(errors.UserError, match=r'outside \[0, 1000\)'):
     parse_labels('5,1000', 1000)
+
+
+def test_pipeline_samples_like_a_sampler_built_by_hand():
+  """Pipeline -> Inference -> sampler: the same latents, bit for bit, as the per-stage sampler
+  built directly (what Pipeline did before it went through Inference); the sampler is kept."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from ppflow_jax import sampling, stages  # pylint: disable=g-import-not-at-top
+  from ppflow_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  c = config_lib.load_config('ppf_xl_2')
+  c.model.update(depth=2, hidden_size=64, num_heads=4)
+  c.latent.update(height=8, width=8)
+  c.sample.num_steps = 5
+  c = config_lib.resolve(c)
+  graphdef, state = nnx.split(build_model(c, nnx.Rngs(1)))
+  rng = np.random.default_rng(0)  # SiT zero-initialises the output layers: randomise all
+  params = jax.tree.map(lambda a: (0.05 * rng.normal(size=a.shape)).astype(np.float32),
+                        nnx.to_pure_dict(state))
+  pipe = Pipeline.from_params(c, params)
+  got = pipe.latents([1, 2, 3], seed=4)
+  noise, keys = sampling.index_noise((8, 8, 4), np.arange(3), 4)
+  by_hand = sampling.Sampler(graphdef, stages.from_config(c), sampling.SamplerSpec.from_config(c),
+                             c.model.num_classes).sample(params, noise, np.array([1, 2, 3]), keys)
+  np.testing.assert_array_equal(got, np.asarray(by_hand))
+  assert np.abs(got - np.asarray(noise)).max() > 0.1  # the model moved the noise
+  traced = pipe.model.sampler().trace_count
+  pipe.latents([3, 1, 2], seed=5)
+  assert pipe.model.sampler().trace_count == traced  # the second call compiles nothing

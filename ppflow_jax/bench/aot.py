@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -36,7 +37,7 @@ def row_command(name: str) -> list[str]:
   """'<model>_<topology>_b<batch>_<layout>[_s]' -> the aot command line (`_s`: sampler too).
 
   e.g. ppf_xl_2_v5e16_b256_scan_full = PPF-XL-2, v5e:4x4, global batch 256, scanned blocks with
-  full remat, train step only.
+  full remat, train step only; `bmax` instead of `b<N>` searches the largest batch that fits.
   """
   parts = name.split('_')
   sample = parts[-1] == 's'
@@ -44,13 +45,16 @@ def row_command(name: str) -> list[str]:
   layout = '_'.join(parts[-2:]) if parts[-2] == 'scan' else parts[-1]
   rest = parts[:-2] if parts[-2] == 'scan' else parts[:-1]
   model, topology, batch = '_'.join(rest[:-2]), rest[-2], rest[-1]
-  if model not in CONFIGS or topology not in TOPOLOGIES or layout not in REMAT or batch[0] != 'b':
-    raise ValueError(f'row {name!r} must be <{"|".join(CONFIGS)}>_<{"|".join(TOPOLOGIES)}>_b<N>_'
-                     f'<{"|".join(REMAT)}>[_s]')
+  search = batch == 'bmax'
+  if (model not in CONFIGS or topology not in TOPOLOGIES or layout not in REMAT
+      or not (search or re.fullmatch(r'b\d+', batch)) or (search and sample)):
+    raise ValueError(f'row {name!r} must be <{"|".join(CONFIGS)}>_<{"|".join(TOPOLOGIES)}>_'
+                     f'<b<N>|bmax>_<{"|".join(REMAT)}>[_s] (no _s with bmax)')
   scan, remat = REMAT[layout]
+  what = (['--search_batch'] if search else
+          [f'--batch={batch[1:]}', f'--programs={"train,sample" if sample else "train"}'])
   return [sys.executable, '-m', 'ppflow_jax.aot', f'--config={CONFIGS[model]}',
-          f'--topology={TOPOLOGIES[topology]}', f'--batch={batch[1:]}',
-          f'--programs={"train,sample" if sample else "train"}', '--json',
+          f'--topology={TOPOLOGIES[topology]}', *what, '--json',
           '--config.model.dtype=bfloat16', '--config.mesh.data=1', '--config.mesh.fsdp=-1',
           f'--config.model.scan_blocks={scan}', f'--config.model.remat={remat}']
 
@@ -69,8 +73,32 @@ def run_row(name: str) -> dict:
   return result
 
 
+def search_markdown(results: list[dict]) -> str:
+  """One table row per batch search (`bmax` rows)."""
+  lines = ['| row | chips | remat | scan | largest batch per chip | global batch | peak GiB/chip | '
+           'HBM | next size fails | compiles | compile s (CPU s) at the largest |',
+           '|---' * 11 + '|']
+  for r in sorted(results, key=lambda r: r['row']):
+    s = r.get('report')
+    if s is None:
+      lines.append(f"| {r['row']} | | | | no: {r.get('error', '')[:120]} | | | | | | |")
+      continue
+    p = s['report']['programs'][0] if s['report'] else None
+    peak = '-' if p is None else f"{p['peak_gib']:.2f}"
+    lines.append(
+        f"| {r['row']} | {s['batch_shards']} | {s['remat']} | {s['scan_blocks']} | "
+        f"{s['largest_per_chip']} | {s['largest_global_batch']} | "
+        f"{peak} | {s['hbm_gib']:g} | "
+        f"{'yes' if s['confirmed'] else 'not compiled'} | {len(s['trials'])} | "
+        + ('- |' if p is None else f"{p['lower_s'] + p['compile_s']:.0f} "
+           f"({p['lower_cpu_s'] + p['compile_cpu_s']:.0f}) |"))
+  return '\n'.join(lines)
+
+
 def markdown(results: list[dict]) -> str:
-  """One table row per train program, one per sampler program."""
+  """One table row per train program, one per sampler program; then the batch searches."""
+  searches = [r for r in results if '_bmax_' in r['row']]
+  results = [r for r in results if r not in searches]
   head = ('| row | chips | batch | remat | scan | peak GiB/chip | HBM | fits | useful FLOP | '
           'collectives GiB/chip | Mosaic | compile s (CPU s) | roofline est. ms |\n' + '|---' * 13
           + '|')
@@ -90,6 +118,8 @@ def markdown(results: list[dict]) -> str:
           f"{p['mosaic_kernels']} | {p['lower_s'] + p['compile_s']:.0f} "
           f"({p['lower_cpu_s'] + p['compile_cpu_s']:.0f}) | "
           f"{p['roofline_estimate']['step_s'] * 1e3:.0f} ({p['roofline_estimate']['bound']}) |")
+  if searches:
+    lines += ['', search_markdown(searches)]
   return '\n'.join(lines)
 
 

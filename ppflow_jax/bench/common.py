@@ -1,24 +1,32 @@
-"""What the sampling and training benchmarks share: the compared models, the flags that size
-them, device facts (peak FLOP/s, memory), robust timing statistics and the output writers.
+"""What the sampling and training benchmarks share: the compared models, their config and flags,
+device facts (peak FLOP/s, memory), robust timing statistics and the output writers.
 
-Every benchmark compares SiT (one stage, 2x2 patches) with PPF-2 and PPF-3 at the same size,
-latent, batch and precision, with freshly initialised weights: run time does not depend on the
-weight values (no data-dependent control flow; XLA does not skip zeros), so no checkpoint is needed.
+Every benchmark compares SiT (one stage, 2x2 patches) with PPF-2 and PPF-3 at the size, latent,
+batch and precision of one config (configs/bench.py, `--config=bench:XL`), with freshly
+initialised weights: run time does not depend on the weight values (no data-dependent control
+flow; XLA does not skip zeros), so no checkpoint is needed.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
 import statistics
+from typing import Callable, TypeVar
 
 import jax
 import ml_collections
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
 from ppflow_jax import config_lib
+from ppflow_jax import errors
+from ppflow_jax import paths
+
+T = TypeVar('T')
 
 # Dense bf16 peak FLOP/s per chip, matched in order against `device.device_kind` (the TPU v5e
 # and v6e report themselves as "TPU v5 lite" / "TPU v6 lite", the v5p as "TPU v5").
@@ -32,78 +40,66 @@ PEAK_BF16_FLOPS = (
 MODELS = {name: stages for name, (_, stages) in config_lib.PAPER_MODELS.items()}
 LABELS = {name: label for name, (label, _) in config_lib.PAPER_MODELS.items()}
 
-# Overrides of --tiny: a model and latent small enough for CI on a 2-core CPU.
-TINY = dict(size='S', depth=2, hidden_size=64, num_heads=2, latent=16, channels=2, batch=4,
-            num_classes=10)
 
-
-def define_model_flags() -> None:
-  """The flags both benchmarks share (call once, before absl parses argv)."""
-  flags.DEFINE_enum('size', 'B', list(config_lib.MODEL_SIZES), 'SiT/PPF size preset.')
-  flags.DEFINE_integer('depth', 0, 'Override the preset depth (0 = preset).')
-  flags.DEFINE_integer('hidden_size', 0, 'Override the preset width (0 = preset).')
-  flags.DEFINE_integer('num_heads', 0, 'Override the preset heads (0 = preset).')
-  flags.DEFINE_integer('latent', 32, 'Latent height = width (32 = ImageNet 256, 64 = 512).')
-  flags.DEFINE_integer('channels', 4, 'Latent channels.')
-  flags.DEFINE_integer('num_classes', 1000, 'Label classes.')
-  flags.DEFINE_integer('batch', 16, 'Images per sampling call / training step.')
-  flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Compute dtype (params fp32).')
-  flags.DEFINE_string('attention', 'auto', 'config.model.attention (auto picks per backend).')
+def define_flags(config: str = 'bench') -> None:
+  """The flags every benchmark shares (call once, before absl parses argv): `--config`, by
+  default configs/bench.py (`bench:XL`, `bench:tiny`, ...; overrides with --config.x=y), and
+  which models to run, how often, and where the results go."""
+  config_flags.DEFINE_config_file(
+      'config', config_lib.find_config(config), 'Benchmark config (configs/bench.py:S|B|L|XL|'
+      'tiny): the size, latent, batch and precision every compared model shares.',
+      lock_config=True)
   flags.DEFINE_list('models', list(MODELS), f'Which of {list(MODELS)} to run, in order.')
   flags.DEFINE_integer('repeats', 5, 'Timed repeats after the warm-up (median and spread).')
-  flags.DEFINE_bool('tiny', False, f'CI-sized run: overrides {TINY} (and the step counts).')
   flags.DEFINE_string('json', '', 'Write the results as JSON to this file.')
   flags.DEFINE_bool('markdown', False, 'Print a Markdown table instead of plain text.')
 
 
-def command_line(argv, tiny_steps: int) -> tuple[dict, int]:
-  """A benchmark's parsed command line: (model options with --tiny applied, step count)."""
+def command_line(argv) -> tuple[dict, int]:
+  """A benchmark's parsed command line: (options, --steps)."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   f = flags.FLAGS
-  steps = tiny_steps if f.tiny else f.steps
-  if steps < 1:
-    raise app.UsageError(f'--steps={steps} must be >= 1')
-  return model_options(f), steps
+  if f.steps < 1:
+    raise app.UsageError(f'--steps={f.steps} must be >= 1')
+  return options(f.config, f.models, f.repeats), f.steps
 
 
 def print_result(result: dict, headers: list[str], rows: list[list[str]], settings: str) -> None:
   """Prints the device line with `settings`, then the table (and writes --json if given)."""
   dev, f = result['device'], flags.FLAGS
-  print(f"{dev['device_kind']} x{dev['device_count']}, jax {dev['jax']}: batch "
-        f"{result['options']['batch']}, {settings}")
+  print(f"{dev['device_kind']} x{dev['device_count']}, jax {dev['jax']}: "
+        f"{result['options']['size']}, {settings}")
   print(write_outputs(result, headers, rows, json_path=f.json, markdown=f.markdown))
 
 
-def model_options(f=None) -> dict:
-  """The model/latent/batch options from parsed flags, with --tiny applied."""
-  f = f or flags.FLAGS
-  opts = dict(size=f.size, depth=f.depth, hidden_size=f.hidden_size, num_heads=f.num_heads,
-              latent=f.latent, channels=f.channels, num_classes=f.num_classes, batch=f.batch,
-              dtype=f.dtype, attention=f.attention, models=list(f.models), repeats=f.repeats)
-  if f.tiny:
-    opts.update(TINY, repeats=min(f.repeats, 2))
-  unknown = [m for m in opts['models'] if m not in MODELS]
+def options(config: ml_collections.ConfigDict, models, repeats: int, **more) -> dict:
+  """What a benchmark run compares: the shared `config` (resolved, locked) under 'config', the
+  models in order, timed repeats and `more`; also size, batch and dtype, for the result JSON."""
+  config = config_lib.resolve(copy.deepcopy(config))
+  config.lock()
+  models = list(models)
+  unknown = [m for m in models if m not in MODELS]
   if unknown:
-    raise ValueError(f'--models={",".join(opts["models"])}: unknown {unknown}; choose from '
-                     f'{list(MODELS)}')
-  return opts
+    raise errors.UserError(f'--models={",".join(models)}: unknown {unknown}; choose from '
+                           f'{list(MODELS)}')
+  return dict(config=config, models=models, repeats=repeats, size=config.model.size,
+              batch=config.sample.batch_size, dtype=config.model.dtype, **more)
 
 
-def make_config(name: str, *, size: str, depth: int = 0, hidden_size: int = 0,
-                num_heads: int = 0, latent: int = 32, channels: int = 4, num_classes: int = 1000,
-                dtype: str = 'bfloat16', attention: str = 'auto', cfg_scale: float = 1.0,
-                cfg_scales: tuple[float, ...] | None = None,
-                **unused) -> ml_collections.ConfigDict:
-  """The resolved config of model `name` ('sit' | 'ppf2' | 'ppf3') with the paper's schedule
-  and one CFG scale for every stage (so CFG costs the same fraction in every model), or
-  `cfg_scales` per stage."""
-  del unused
+def as_json(opts: dict) -> dict:
+  """`opts` with the config as a plain dict."""
+  return dict(opts, config=opts['config'].to_dict())
+
+
+def make_config(name: str, opts: dict, cfg_scales: tuple[float, ...] | None = None
+                ) -> ml_collections.ConfigDict:
+  """The resolved config of model `name` ('sit' | 'ppf2' | 'ppf3'): opts['config'] with the
+  paper's schedule of `name` and one CFG scale (opts['cfg_scale'], default 1) for every stage
+  (so CFG costs the same fraction in every model), or `cfg_scales` per stage."""
   stages = MODELS[name]
-  c = config_lib.imagenet_config(size, stages, cfg_scales or (cfg_scale,) * stages)
-  c.model.update(depth=depth, hidden_size=hidden_size, num_heads=num_heads,
-                 num_classes=num_classes, dtype=dtype, attention=attention)
-  c.latent.update(height=latent, width=latent, channels=channels)
+  c = copy.deepcopy(opts['config'])
+  config_lib.set_schedule(c, stages, cfg_scales or (opts.get('cfg_scale', 1.0),) * stages)
   return config_lib.resolve(c)
 
 
@@ -138,6 +134,24 @@ def spread(values: list[float]) -> dict:
   return dict(median=statistics.median(v), min=v[0], max=v[-1], q1=q[0], q3=q[2], n=len(v))
 
 
+def interleaved(runs: dict[str, Callable[[], T]], repeats: int) -> dict[str, list[T]]:
+  """`repeats` rounds; each round calls every run once, in an order rotated by one per round.
+
+  Side-by-side timing: whatever load other processes add, every model sees it in every round, so
+  per-round ratios (`round_ratios`) compare like with like.
+  """
+  names, out = list(runs), {n: [] for n in runs}
+  for r in range(repeats):
+    for n in names[r % len(names):] + names[:r % len(names)]:
+      out[n].append(runs[n]())
+  return out
+
+
+def round_ratios(base: list[float], other: list[float]) -> dict:
+  """Spread of base[r] / other[r] over rounds: a speed-up measured under one load per round."""
+  return spread([b / o for b, o in zip(base, other)])
+
+
 def mfu(flops_per_second: float, device: dict) -> float | None:
   """Achieved / bf16 dense peak of one device (None on CPU or unknown kinds)."""
   peak = device['peak_bf16_flops']
@@ -148,15 +162,17 @@ def fmt(value, spec: str = '.3g') -> str:
   return '-' if value is None else format(value, spec)
 
 
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+  lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
+  return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in rows])
+
+
 def write_outputs(result: dict, headers: list[str], rows: list[list[str]], *, json_path: str,
                   markdown: bool) -> str:
   """Writes JSON (if asked) and returns the table as Markdown or aligned plain text."""
   if json_path:
-    with open(json_path, 'w') as f:
-      json.dump(result, f, indent=2)
+    paths.write_text(json_path, json.dumps(result, indent=2))  # a local path or a URL
   if markdown:
-    lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
-    lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
-    return '\n'.join(lines)
+    return markdown_table(headers, rows)
   widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
   return '\n'.join('  '.join(c.rjust(w) for c, w in zip(r, widths)) for r in [headers] + rows)

@@ -9,10 +9,12 @@ On one device, in one process, for SiT, PPF-2 and PPF-3 at the same size, batch 
             images/s, TFLOP/s and MFU counted with the same FLOPs (`flops.training_flops`).
 Writes one JSON and prints Markdown tables. The defaults (XL, batch 64, bf16, 25 Heun steps,
 2 rounds, 3 x 3 train steps) are sized for a 10-minute window on one H100/H200 including XLA
-compiles; `--tiny` runs the same code end to end on a CPU in seconds (tests/test_bench.py).
+compiles; `--config=bench:tiny` runs the same code end to end on a CPU in seconds
+(tests/test_bench.py).
 
   python -m ppflow_jax.bench.suite --json=suite.json
-  python -m ppflow_jax.bench.suite --tiny --json=/tmp/suite.json
+  python -m ppflow_jax.bench.suite --config=bench:tiny --steps=4 --train_steps=1 --rounds=1 \
+      --repeats=1 --json=/tmp/suite.json
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import time
 import numpy as np
 from absl import app, flags
 
+from ppflow_jax import cli
 from ppflow_jax import flops
+from ppflow_jax import paths
 from ppflow_jax import sampling
 from ppflow_jax import stages as stages_lib
 from ppflow_jax.bench import common
@@ -40,7 +44,7 @@ LEARNING_RATE = 1e-4  # the official trainer's AdamW (no weight decay); speed do
 def torch_train_benchmark(name: str, opts: dict, steps: int, torch, torch_model_cls,
                           seed: int = 0) -> dict:
   """The reference's train step: one forward per stage bucket, summed MSE, backward, AdamW."""
-  config = common.make_config(name, **opts)
+  config = common.make_config(name, opts)
   m, lat = config.model, config.latent
   schedule = stages_lib.from_config(config)
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -51,12 +55,12 @@ def torch_train_benchmark(name: str, opts: dict, steps: int, torch, torch_model_
                           num_classes=m.num_classes, learn_sigma=m.learn_sigma,
                           levels=len(schedule)).to(device).train()
   opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
-  b = opts['batch']
+  b = config.train.batch_size
   sizes = schedule.bucket_sizes(b)
   g = torch.Generator(device).manual_seed(seed)
   x1 = torch.randn(b, lat.channels, lat.height, lat.width, generator=g, device=device)
   y = torch.randint(0, m.num_classes, (b,), generator=g, device=device)
-  autocast = opts['dtype'] == 'bfloat16'
+  autocast = config.model.dtype == 'bfloat16'
 
   def step():
     x0 = torch.randn(x1.shape, generator=g, device=device)
@@ -107,7 +111,7 @@ def run_suite(opts: dict, spec: sampling.SamplerSpec, train_steps: int, torch,
               torch_model_cls, parts: tuple[str, ...] = PARTS) -> dict:
   """The `parts` of the suite; torch trains before JAX so its freed cache goes back first."""
   start = time.perf_counter()
-  out = dict(benchmark='suite', torch=torch.__version__, options=opts)
+  out = dict(benchmark='suite', torch=torch.__version__, options=common.as_json(opts))
   if 'sample' in parts:
     sample = vs_torch.run_benchmark(opts, spec, torch, torch_model_cls)
     out.update(sampler=sample['sampler'], sampling=sample['results'],
@@ -120,7 +124,8 @@ def run_suite(opts: dict, spec: sampling.SamplerSpec, train_steps: int, torch,
         torch.cuda.empty_cache()
     for r in ref:
       r['speedup'] = r['images_per_second'] / ref[0]['images_per_second']
-    ours = bench_train.run_benchmark(opts, train_steps, packings=(False, True))
+    ours = bench_train.run_benchmark(opts, train_steps, packings=(False, True),
+                                     interleave=False)  # XL train states one at a time
     out.update(train_steps=train_steps, training=dict(jax=ours['results'], torch=ref))
   return dict(out, device=common.device_info(), wall_seconds=time.perf_counter() - start)
 
@@ -141,17 +146,17 @@ def training_table(result: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
   f = flags.FLAGS
+  opts, steps = common.command_line(argv)
+  train_steps = f.train_steps
+  if min(train_steps, f.rounds) < 1:
+    raise app.UsageError(f'--train_steps={train_steps} and --rounds={f.rounds} must be >= 1')
   found = vs_torch.import_torch()
   if found is None:
     return
   if f.torch_threads:
     found[0].set_num_threads(f.torch_threads)
-  opts = common.model_options(f)
-  opts.update(cfg_scale=1.0, paper_cfg=True, rounds=1 if f.tiny else f.rounds)
-  steps, train_steps = (4, 1) if f.tiny else (f.steps, f.train_steps)
+  opts.update(cfg_scale=1.0, paper_cfg=True, rounds=f.rounds)
   spec = sampling.SamplerSpec(method='heun', num_steps=steps + 1)
   unknown = set(f.parts) - set(PARTS)
   if unknown:
@@ -162,8 +167,7 @@ def main(argv) -> None:
         f"{opts['size']}, batch {opts['batch']}, {opts['dtype']}, heun {steps} steps, paper CFG "
         f"{vs_torch.PAPER_CFG}, {result['wall_seconds']:.0f} s in all")
   if f.json:
-    with open(f.json, 'w') as out:
-      json.dump(result, out, indent=2)
+    paths.write_text(f.json, json.dumps(result, indent=2))
   if 'sampling' in result:
     print(common.write_outputs(result, *vs_torch.table(dict(results=result['sampling'])),
                                json_path='', markdown=True))
@@ -172,13 +176,11 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  common.define_model_flags()
-  flags.FLAGS.set_default('size', 'XL')
-  flags.FLAGS.set_default('batch', 64)
+  common.define_flags('bench:XL')
   flags.FLAGS.set_default('repeats', 3)
   flags.DEFINE_integer('steps', 25, 'Heun steps of the sampling comparison (grid = steps + 1).')
   flags.DEFINE_integer('rounds', 2, 'Alternating timed sampling rounds after the warm-up.')
   flags.DEFINE_integer('train_steps', 3, 'Train steps per timed repeat (x --repeats).')
   flags.DEFINE_list('parts', list(PARTS), f'Which of {PARTS} to run.')
   flags.DEFINE_integer('torch_threads', 0, 'torch.set_num_threads (0 = torch\'s default).')
-  app.run(main)
+  cli.run(main)

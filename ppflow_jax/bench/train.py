@@ -5,13 +5,14 @@ time does not depend on the data). Per run: images/s, real (unpadded) tokens/s, 
 images/s over SiT next to its FLOPs bound (flops.training_flops: 3 x forward per image over the
 stage buckets), achieved TFLOP/s and MFU, compile time (first step minus the steady median) and
 peak device memory. Each repeat times `--steps` consecutive steps (the state is donated, as in
-training); the warm-up step is excluded; medians and spreads are reported.
+training); after one warm-up step per run, repeats run in interleaved rounds (every run once per
+round), so a speedup is the median of per-round ratios; medians and spreads are reported.
 
 With the dense-mask `xla` attention (the CPU path) a packed row attends over its full length and
 padding tokens are computed, so packed PPF runs are bounded by `packed_dense` FLOPs instead.
 
-  python -m ppflow_jax.bench.train --size=XL --batch=64 --steps=10 --dtype=bfloat16 --markdown
-  python -m ppflow_jax.bench.train --tiny       # CI-sized, any CPU
+  python -m ppflow_jax.bench.train --config=bench:XL --steps=10 --markdown
+  python -m ppflow_jax.bench.train --config=bench:tiny --steps=2   # CI-sized, any CPU
 """
 
 from __future__ import annotations
@@ -20,19 +21,20 @@ import time
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
+from ppflow_jax import cli
 from ppflow_jax import flops
 from ppflow_jax import sharding
 from ppflow_jax.bench import common
 from ppflow_jax.train import Trainer
 
 
-def bench_model(name: str, opts: dict, packing: bool, steps: int, seed: int = 0) -> dict:
-  """Times `opts['repeats']` x `steps` train steps of model `name` after one warm-up step."""
-  config = common.make_config(name, **opts)
-  b = opts['batch']
-  config.train.update(batch_size=b, packing=packing)
+def prepare_model(name: str, packing: bool, *, opts: dict, steps: int, seed: int = 0) -> dict:
+  """Model `name` with its train state and a `run` that times `steps` consecutive steps."""
+  config = common.make_config(name, opts)
+  b = config.train.batch_size
+  config.train.packing = packing
   mesh = sharding.make_mesh(config)
   trainer = Trainer(config, mesh)
   k_x, k_y = jax.random.split(jax.random.key(seed))
@@ -42,21 +44,27 @@ def bench_model(name: str, opts: dict, packing: bool, steps: int, seed: int = 0)
        'y': jax.random.randint(k_y, (b,), 0, config.model.num_classes)},
       trainer.batch_sharding)
   with jax.set_mesh(mesh):
-    state = trainer.init_state(seed)
-    jax.block_until_ready(state)
-    start = time.perf_counter()
-    state, metrics = trainer.step(state, batch)
-    jax.block_until_ready((state, metrics))
-    first = time.perf_counter() - start
-    per_step = []
-    for _ in range(opts['repeats']):
+    carry = {'state': trainer.init_state(seed)}
+  jax.block_until_ready(carry)
+
+  def run(num_steps: int = steps) -> float:
+    """Seconds per step over `num_steps` steps (the state is donated and carried on)."""
+    with jax.set_mesh(mesh):
       start = time.perf_counter()
-      for _ in range(steps):
-        state, metrics = trainer.step(state, batch)
-      jax.block_until_ready((state, metrics))
-      per_step.append((time.perf_counter() - start) / steps)
-  if not bool(jnp.isfinite(metrics['loss'])):
+      for _ in range(num_steps):
+        carry['state'], carry['metrics'] = trainer.step(carry['state'], batch)
+      jax.block_until_ready(carry)
+      return (time.perf_counter() - start) / num_steps
+
+  return dict(name=name, config=config, trainer=trainer, packing=packing, run=run, carry=carry)
+
+
+def summarize(m: dict, opts: dict, first: float, per_step: list[float]) -> dict:
+  """One run's result row from its warm-up step time and timed seconds per step."""
+  name, config, trainer, packing = m['name'], m['config'], m['trainer'], m['packing']
+  if not bool(jnp.isfinite(m['carry']['metrics']['loss'])):
     raise RuntimeError(f'{name}: the benchmarked train step produced a non-finite loss')
+  b = config.train.batch_size
   t = common.spread(per_step)
   tr = flops.training_flops(config)
   tokens = sum(n * trainer.schedule.num_tokens(s) for s, n in enumerate(trainer.bucket_sizes))
@@ -75,20 +83,41 @@ def bench_model(name: str, opts: dict, packing: bool, steps: int, seed: int = 0)
               peak_memory_bytes=common.peak_memory_bytes())
 
 
-def run_benchmark(opts: dict, steps: int, packings: tuple[bool, ...] = (False, True)) -> dict:
-  """Every model x packing (SiT once: one stage has nothing to pack); speedups vs the first."""
-  results = []
-  for name in opts['models']:
-    for packing in (packings if common.MODELS[name] > 1 else packings[:1]):
-      results.append(bench_model(name, opts, packing, steps))
+def run_benchmark(opts: dict, steps: int, packings: tuple[bool, ...] = (False, True),
+                  interleave: bool = True) -> dict:
+  """Every model x packing (SiT once: one stage has nothing to pack), after one warm-up step
+  each; speedups over the first are medians of per-round ratios.
+
+  interleave: time in interleaved rounds, every run's train state alive at once (a shared host:
+  every round sees one load); False times one run at a time and frees it (a dedicated
+  accelerator, where five XL train states would not fit side by side).
+  """
+  keys = [(name, packing) for name in opts['models']
+          for packing in (packings if common.MODELS[name] > 1 else packings[:1])]
+  first, runs, results = {}, {}, {}
+  if interleave:
+    models = {k: prepare_model(*k, opts=opts, steps=steps) for k in keys}
+    first = {k: m['run'](1) for k, m in models.items()}
+    runs = common.interleaved({k: m['run'] for k, m in models.items()}, opts['repeats'])
+    results = {k: summarize(m, opts, first[k], runs[k]) for k, m in models.items()}
+  else:
+    for k in keys:
+      m = prepare_model(*k, opts=opts, steps=steps)
+      first[k] = m['run'](1)
+      runs[k] = [m['run']() for _ in range(opts['repeats'])]
+      results[k] = summarize(m, opts, first[k], runs[k])
+      del m  # free this train state before the next one is built
+  results = [results[k] for k in keys]
   base = results[0]
-  for r in results:
-    r['speedup'] = r['images_per_second'] / base['images_per_second']
+  for r, k in zip(results, keys):
+    r['speedup_rounds'] = common.round_ratios(runs[keys[0]], runs[k])
+    r['speedup'] = r['speedup_rounds']['median']
     r['speedup_flops_bound'] = base['flops_per_step'] / r['flops_per_step']
     r['speedup_vs_bound'] = r['speedup'] / r['speedup_flops_bound']
     dense = r['packed_dense_flops_per_step']
     r['speedup_packed_dense_bound'] = dense and base['flops_per_step'] / dense
-  return dict(benchmark='train', device=common.device_info(), options=opts, steps=steps,
+  return dict(benchmark='train', device=common.device_info(), options=common.as_json(opts),
+              steps=steps,
               results=results)
 
 
@@ -110,15 +139,16 @@ def table(result: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def main(argv) -> None:
-  opts, steps = common.command_line(argv, tiny_steps=2)
+  opts, steps = common.command_line(argv)
   packings = {'both': (False, True), 'on': (True,), 'off': (False,)}[flags.FLAGS.packing]
   result = run_benchmark(opts, steps, packings)
   common.print_result(result, *table(result),
-                      f"{opts['dtype']}, {steps} steps x {opts['repeats']} repeats")
+                      f"batch {opts['config'].train.batch_size}, {opts['dtype']}, "
+                      f"{steps} steps x {opts['repeats']} repeats")
 
 
 if __name__ == '__main__':
-  common.define_model_flags()
+  common.define_flags()
   flags.DEFINE_integer('steps', 5, 'Train steps per timed repeat.')
   flags.DEFINE_enum('packing', 'both', ['both', 'on', 'off'], 'Patch n\' Pack runs of PPF.')
-  app.run(main)
+  cli.run(main)

@@ -11,16 +11,18 @@ SiT next to the FLOPs bound counted with the same passes (`flops.sampling_flops`
 
 Rounds alternate (round r runs every model, JAX first on even r, torch first on odd r) after one
 warm-up trajectory per side (compiles), so load from other processes hits both sides alike;
-medians and min-max are reported. Torch is optional: without it the benchmark prints why and
+medians and min-max are reported, and a speed-up over SiT is the median of its per-round ratios. Torch is optional: without it the benchmark prints why and
 exits 0.
 
-  python -m ppflow_jax.bench.vs_torch --size=S --batch=8 --steps=6 --dtype=float32 \
-      --cfg_scale=1.5 --rounds=3 --json=docs/vs_torch_cpu.json --markdown
-  python -m ppflow_jax.bench.vs_torch --tiny
+  python -m ppflow_jax.bench.vs_torch --config=bench:S --config.sample.batch_size=8 \
+      --config.model.dtype=float32 --steps=6 --cfg_scale=1.5 --rounds=3 \
+      --json=docs/vs_torch_cpu.json --markdown
+  python -m ppflow_jax.bench.vs_torch --config=bench:tiny --steps=4 --rounds=2
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
@@ -28,9 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 
+from ppflow_jax import cli
 from ppflow_jax import flops
+from ppflow_jax import inference
 from ppflow_jax import sampling
 from ppflow_jax import stages as stages_lib
 from ppflow_jax.bench import common
@@ -109,20 +112,14 @@ class TorchSampler:
     return x, per_stage
 
 
-def _jax_sampler(graphdef, state, schedule, spec, num_classes, noise, labels) -> Callable:
-  sampler = sampling.Sampler(graphdef, schedule, spec, num_classes)
+def _jax_sampler(model: inference.Inference, spec: sampling.SamplerSpec, noise: jax.Array,
+                 labels: jax.Array) -> Callable:
+  """() -> (samples, seconds per stage) of `model` sampled with `spec`."""
+  sampler = model.sampler(**dataclasses.asdict(spec))
 
   def run():
-    per_stage = [0.0] * len(schedule)
-    last = [time.perf_counter()]
-
-    def on_segment(seg, x):
-      jax.block_until_ready(x)
-      now = time.perf_counter()
-      per_stage[seg.stage] += now - last[0]
-      last[0] = now
-    x = jax.block_until_ready(sampler.sample(state, noise, labels, on_segment=on_segment))
-    return x, per_stage
+    x, timing = sampling.timed_sample(sampler, model.params, noise, labels)
+    return x, timing.per_stage(len(model.schedule))
   return run
 
 
@@ -130,7 +127,7 @@ def build_pair(name: str, opts: dict, spec: sampling.SamplerSpec, torch, torch_m
                seed: int = 0) -> dict:
   """Both samplers of model `name` with identical weights, noise and labels."""
   cfg_scales = PAPER_CFG[name] if opts['paper_cfg'] else None
-  config = common.make_config(name, **opts, cfg_scales=cfg_scales)
+  config = common.make_config(name, opts, cfg_scales)
   m, lat = config.model, config.latent
   schedule = stages_lib.from_config(config)
   fine = schedule.finest.patch
@@ -144,16 +141,14 @@ def build_pair(name: str, opts: dict, spec: sampling.SamplerSpec, torch, torch_m
                        learn_sigma=m.learn_sigma, levels=len(schedule)).eval()
   params = sit_lib.convert_state_dict(
       {k: v.detach().numpy() for k, v in tm.state_dict().items()}, config, source='torch_ref')
-  graphdef, _ = nnx.split(sit_lib.abstract_model(config))
-  state = jax.tree.map(jnp.asarray, params)
+  model = inference.Inference.from_params(config, params)
   tm = tm.to(device)
   rng = np.random.default_rng(seed)
   b = opts['batch']
   noise = rng.standard_normal((b, lat.height, lat.width, lat.channels)).astype(np.float32)
   labels = rng.integers(0, m.num_classes, b)
-  jax_run = _jax_sampler(graphdef, state, schedule, spec, m.num_classes, jnp.asarray(noise),
-                         jnp.asarray(labels, jnp.int32))
-  ts = TorchSampler(torch, tm, schedule, spec, m.num_classes, opts['dtype'])
+  jax_run = _jax_sampler(model, spec, jnp.asarray(noise), jnp.asarray(labels, jnp.int32))
+  ts = TorchSampler(torch, tm, schedule, spec, m.num_classes, config.model.dtype)
   t_noise = torch.from_numpy(noise).permute(0, 3, 1, 2).contiguous().to(device)
   t_labels = torch.from_numpy(labels).to(device)
   return dict(config=config, schedule=schedule, jax=jax_run,
@@ -208,10 +203,13 @@ def run_benchmark(opts: dict, spec: sampling.SamplerSpec, torch, torch_model_cls
   for row in results:
     row['speedup_flops_bound'] = base['flops_per_image'] / row['flops_per_image']
     for side in ('jax', 'torch'):
-      row[f'{side}_speedup'] = base[f'{side}_seconds']['median'] / row[f'{side}_seconds']['median']
+      # Per-round ratios: within a round both models ran back to back under the same load.
+      row[f'{side}_speedup_rounds'] = common.round_ratios(times[base['model']][side]['total'],
+                                                          times[row['model']][side]['total'])
+      row[f'{side}_speedup'] = row[f'{side}_speedup_rounds']['median']
       row[f'{side}_speedup_vs_bound'] = row[f'{side}_speedup'] / row['speedup_flops_bound']
   return dict(benchmark='vs_torch', device=common.device_info(), torch=torch.__version__,
-              torch_threads=torch.get_num_threads(), options=opts,
+              torch_threads=torch.get_num_threads(), options=common.as_json(opts),
               sampler=dict(method=spec.method, num_steps=spec.num_steps),
               results=results, acceptance=acceptance(results))
 
@@ -247,21 +245,16 @@ def table(result: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
   f = flags.FLAGS
+  opts, steps = common.command_line(argv)
+  if f.rounds < 1:
+    raise app.UsageError(f'--rounds={f.rounds} must be >= 1')
   found = import_torch()
   if found is None:
     return
   if f.torch_threads:
     found[0].set_num_threads(f.torch_threads)
-  opts = common.model_options(f)
   opts.update(cfg_scale=f.cfg_scale, paper_cfg=f.paper_cfg, rounds=f.rounds)
-  if f.tiny:
-    opts['rounds'] = min(f.rounds, 2)
-  steps = 4 if f.tiny else f.steps
-  if steps < 1 or opts['rounds'] < 1:
-    raise app.UsageError(f'--steps={steps} and --rounds={opts["rounds"]} must be >= 1')
   spec = sampling.SamplerSpec(method=f.method, num_steps=steps + 1)
   result = run_benchmark(opts, spec, *found)
   headers, rows = table(result)
@@ -275,11 +268,11 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  common.define_model_flags()
+  common.define_flags()
   flags.DEFINE_integer('steps', 6, 'Integration steps (grid points = steps + 1).')
   flags.DEFINE_enum('method', 'heun', ['euler', 'heun'], 'Sampler.')
   flags.DEFINE_float('cfg_scale', 1.5, 'CFG scale of every stage (1 = no CFG).')
   flags.DEFINE_bool('paper_cfg', False, f'Use the paper\'s per-stage scales {PAPER_CFG} instead.')
   flags.DEFINE_integer('rounds', 3, 'Alternating timed rounds after the warm-up.')
   flags.DEFINE_integer('torch_threads', 0, 'torch.set_num_threads (0 = torch\'s default).')
-  app.run(main)
+  cli.run(main)

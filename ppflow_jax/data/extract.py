@@ -9,13 +9,19 @@ process p encodes shards p, p + P, ... . Stores the posterior moments (unscaled)
 config.data.flip, of its horizontal flip (format: latents.py). A shard is written to a `.tmp` file and
 renamed when complete, so rerunning the same command skips finished shards and rewrites partial ones.
 The run ends with a check that every image index appears exactly once, then marks meta.json complete.
+`--out` may be a URL (gs://...; paths.py): a shard is then written to a local temporary file and
+uploaded as one object when complete.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import io
 import json
 import os
+import shutil
+import tempfile
 from typing import Callable, Iterator
 
 from absl import app
@@ -28,6 +34,7 @@ from array_record.python import array_record_module
 from flax import nnx
 from ml_collections import config_flags
 
+from ppflow_jax import paths
 from ppflow_jax.convert import vae as vae_weights
 from ppflow_jax.models import vae as vae_lib
 from ppflow_jax.data import image_folder
@@ -60,10 +67,9 @@ def image_source(config, split: str = 'train'):
 
 def _check_meta(out: str, meta: dict) -> None:
   """Writes meta.json, or checks that an existing one describes the same extraction."""
-  file = os.path.join(out, latents.META)
-  if os.path.exists(file):
-    with open(file) as f:
-      old = json.load(f)
+  file = paths.join(out, latents.META)
+  if paths.exists(file):
+    old = json.loads(paths.read_text(file))
     diff = {k: (old.get(k), v) for k, v in meta.items() if k != 'complete' and old.get(k) != v}
     if diff:
       raise ValueError(f'{out} holds a different extraction (field: (existing, requested)): '
@@ -73,9 +79,27 @@ def _check_meta(out: str, meta: dict) -> None:
 
 
 def _write_json(file: str, obj: dict) -> None:
-  with open(file + '.tmp', 'w') as f:
-    json.dump(obj, f, indent=1)
-  os.replace(file + '.tmp', file)
+  with paths.open_atomic(file) as f:
+    f.write(json.dumps(obj, indent=1).encode())
+
+
+@contextlib.contextmanager
+def _staged(final: str) -> Iterator[str]:
+  """A local file name to write `final` through, committed when the block ends: renamed over it
+  on a local disk (a partial `.tmp` of an interrupted run is dropped first), uploaded as one
+  object to a URL."""
+  if not paths.is_url(final):
+    tmp = final + '.tmp'
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    yield tmp
+    os.replace(tmp, final)
+    return
+  with tempfile.TemporaryDirectory() as d:
+    tmp = os.path.join(d, final.rsplit('/', 1)[-1])
+    yield tmp
+    with open(tmp, 'rb') as src, paths.open_atomic(final) as dst:
+      shutil.copyfileobj(src, dst)
 
 
 def _prefetched_shards(source, shards, shard_size: int, num_images: int,
@@ -94,15 +118,16 @@ def verify(out: str, meta: dict) -> None:
   """Checks that the shards hold every image index in [0, num_images) exactly once."""
   n, counts, problems = meta['num_shards'], np.zeros(meta['num_images'], np.int64), []
   for k in range(n):
-    rec, idx = os.path.join(out, latents.shard_name(k, n)), os.path.join(out, latents.index_name(k, n))
-    if not (os.path.exists(rec) and os.path.exists(idx)):
+    rec, idx = paths.join(out, latents.shard_name(k, n)), paths.join(out, latents.index_name(k, n))
+    if not (paths.exists(rec) and paths.exists(idx)):
       problems.append(f'shard {k} missing')
       continue
-    indices = np.load(idx)
-    reader = array_record_module.ArrayRecordReader(rec)
-    if reader.num_records() != len(indices):
-      problems.append(f'shard {k}: {reader.num_records()} records, {len(indices)} indices')
-    reader.close()
+    indices = np.load(io.BytesIO(paths.read_bytes(idx)))
+    if not paths.is_url(rec):  # ArrayRecordReader reads local files (its count is in the index)
+      reader = array_record_module.ArrayRecordReader(rec)
+      if reader.num_records() != len(indices):
+        problems.append(f'shard {k}: {reader.num_records()} records, {len(indices)} indices')
+      reader.close()
     if len(indices) and (indices.min() < 0 or indices.max() >= len(counts)):
       problems.append(f'shard {k}: index out of range')
       continue
@@ -157,7 +182,7 @@ def run(config, out: str, *, shard_size: int = 1024, per_device_batch: int = 32,
     logging.warning('config.vae.scaling_factor=%s differs from the VAE config.json value %s',
                     config.vae.scaling_factor, model.cfg.scaling_factor)
   pi, pc = jax.process_index(), jax.process_count()
-  os.makedirs(out, exist_ok=True)
+  paths.makedirs(out)
   if pi == 0:
     _check_meta(out, meta)
   if pc > 1:
@@ -182,31 +207,29 @@ def run(config, out: str, *, shard_size: int = 1024, per_device_batch: int = 32,
     return m.reshape(views, len(images), *m.shape[1:]).swapaxes(0, 1)
 
   mine = list(range(pi, num_shards, pc))
-  todo = [k for k in mine if not os.path.exists(os.path.join(out, latents.shard_name(k, num_shards)))]
+  todo = [k for k in mine if not paths.exists(paths.join(out, latents.shard_name(k, num_shards)))]
   sizes = {k: min(shard_size, num_images - k * shard_size) for k in mine}
   done = sum(sizes[k] for k in mine if k not in todo)
   bar = tqdm.tqdm(total=sum(sizes.values()), initial=done, unit='img', disable=pi != 0,
                   desc=f'extract {config.data.source}')
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
     for k, examples in _prefetched_shards(source, todo, shard_size, num_images, pool):
-      final = os.path.join(out, latents.shard_name(k, num_shards))
-      tmp = final + '.tmp'
-      if os.path.exists(tmp):
-        os.remove(tmp)  # a partial shard of an interrupted run.
-      writer = array_record_module.ArrayRecordWriter(tmp, 'group_size:1,uncompressed')
-      start, written = k * shard_size, []
-      for b0 in range(0, sizes[k], batch):
-        chunk = [next(examples) for _ in range(min(batch, sizes[k] - b0))]
-        images = np.zeros((batch, size, size, 3), np.uint8)  # padded to a fixed shape: one program.
-        images[:len(chunk)] = np.stack([e['image'] for e in chunk])
-        moments = np.asarray(encode(state, jax.device_put(images, batch_sharding)))
-        for j, e in enumerate(chunk):
-          writer.write(latents.encode_record(start + b0 + j, e['label'], moments[j]))
-          written.append(start + b0 + j)
-        bar.update(len(chunk))
-      writer.close()
-      np.save(os.path.join(out, latents.index_name(k, num_shards)), np.asarray(written, np.int64))
-      os.replace(tmp, final)  # the rename commits the shard.
+      with _staged(paths.join(out, latents.shard_name(k, num_shards))) as tmp:
+        writer = array_record_module.ArrayRecordWriter(tmp, 'group_size:1,uncompressed')
+        start, written = k * shard_size, []
+        for b0 in range(0, sizes[k], batch):
+          chunk = [next(examples) for _ in range(min(batch, sizes[k] - b0))]
+          images = np.zeros((batch, size, size, 3), np.uint8)  # a fixed shape: one program
+          images[:len(chunk)] = np.stack([e['image'] for e in chunk])
+          moments = np.asarray(encode(state, jax.device_put(images, batch_sharding)))
+          for j, e in enumerate(chunk):
+            writer.write(latents.encode_record(start + b0 + j, e['label'], moments[j]))
+            written.append(start + b0 + j)
+          bar.update(len(chunk))
+        writer.close()
+        with paths.open_atomic(paths.join(out, latents.index_name(k, num_shards))) as f:
+          np.save(f, np.asarray(written, np.int64))
+      # leaving the block committed the shard (its rename or upload).
       if on_shard_done is not None:
         on_shard_done(k)
   bar.close()
@@ -217,7 +240,7 @@ def run(config, out: str, *, shard_size: int = 1024, per_device_batch: int = 32,
   if pi == 0:
     verify(out, meta)
     meta['complete'] = True
-    _write_json(os.path.join(out, latents.META), meta)
+    _write_json(paths.join(out, latents.META), meta)
     logging.info('extracted %d images into %d shards in %s', num_images, num_shards, out)
   if pc > 1:
     multihost_utils.sync_global_devices('ppflow_extract_verified')

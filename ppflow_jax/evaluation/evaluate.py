@@ -21,6 +21,7 @@ import os
 from absl import app, flags, logging
 
 from ppflow_jax import cli
+from ppflow_jax import paths
 from ppflow_jax.convert import inception as inception_weights
 from ppflow_jax.evaluation import inception, metrics
 
@@ -88,8 +89,7 @@ def main(argv):
   text = json.dumps(result, indent=2)
   print(text)
   if f.out:
-    with open(f.out, 'w') as out:
-      out.write(text + '\n')
+    paths.write_text(f.out, text + '\n')  # a local path or a URL (gs://...)
 
 
 def console() -> None:

@@ -12,8 +12,6 @@ the same cached classifier; they are not Inception FIDs.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import time
 
 import jax
@@ -23,6 +21,7 @@ import optax
 from absl import logging
 from flax import nnx
 
+from ppflow_jax import paths
 from ppflow_jax.data import fashion_mnist
 from ppflow_jax.evaluation import metrics
 
@@ -115,23 +114,15 @@ def _arrays_to_model(arrays: dict[str, np.ndarray]) -> FMNISTClassifier:
   return nnx.merge(graphdef, nnx.from_flat_state(leaves), rest)
 
 
-def _save_npz_atomic(path: str, **arrays) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.npz')
-  os.close(fd)
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
 def _file_digest(path: str) -> str:
-  with open(path, 'rb') as f:
-    return hashlib.sha256(f.read()).hexdigest()
+  return hashlib.sha256(paths.read_bytes(path)).hexdigest()
 
 
 class FMNISTEvaluator:
   """FID / precision / recall of Fashion-MNIST samples in the cached classifier's feature space.
 
   Usage:
-    ev = FMNISTEvaluator(os.path.join(workdir, 'fmnist_classifier'))
+    ev = FMNISTEvaluator(paths.join(workdir, 'fmnist_classifier'))  # a local path or a URL
     ev.score(samples, labels)  # samples: (N, 32, 32, 1) float in [-1, 1]; labels: (N,) or None.
   """
 
@@ -140,8 +131,8 @@ class FMNISTEvaluator:
     self.cache_dir = cache_dir
     self.batch_size = batch_size
     self._meta = dict(arch_version=ARCH_VERSION, train_steps=train_steps, seed=seed)
-    os.makedirs(cache_dir, exist_ok=True)
-    clf_path = os.path.join(cache_dir, _CLASSIFIER_FILE)
+    paths.makedirs(cache_dir)
+    clf_path = paths.join(cache_dir, _CLASSIFIER_FILE)
     self.model, self.test_accuracy = self._load_classifier(clf_path)
     if self.model is None:
       self.model, self.test_accuracy = self._train_and_cache(clf_path, data_path)
@@ -150,13 +141,13 @@ class FMNISTEvaluator:
     self._features = jax.jit(lambda s, x: nnx.merge(graphdef, s).features(x))
     self._state = state
     self._ref = self._load_or_build_reference(
-        os.path.join(cache_dir, _REFERENCE_FILE), _file_digest(clf_path), data_path)
+        paths.join(cache_dir, _REFERENCE_FILE), _file_digest(clf_path), data_path)
 
   def _load_classifier(self, path: str):
-    if not os.path.exists(path):
+    if not paths.exists(path):
       return None, None
     try:
-      with np.load(path) as f:
+      with paths.load_npz(path) as f:
         arrays = {k: f[k] for k in f.files}
       meta = {k: int(arrays.pop(f'meta/{k}')) for k in self._meta}
       if meta != self._meta:
@@ -178,13 +169,13 @@ class FMNISTEvaluator:
     logging.info('Fashion-MNIST classifier: %d steps in %.0fs, test accuracy %.4f.',
                  self._meta['train_steps'], time.time() - t0, accuracy)
     meta = {f'meta/{k}': np.int64(v) for k, v in self._meta.items()}
-    _save_npz_atomic(path, **_params_to_arrays(model), **meta,
+    paths.save_npz(path, **_params_to_arrays(model), **meta,
                      **{'meta/test_accuracy': np.float64(accuracy)})
     return model, accuracy
 
   def _load_or_build_reference(self, path: str, digest: str, data_path: str) -> dict:
     try:
-      with np.load(path) as f:
+      with paths.load_npz(path) as f:
         # Radii computed with other distances (older caches: float32) would not match score().
         if (str(f['classifier_sha256']) == digest
             and str(f['radii_distances']) == _PR_DISTANCES):
@@ -196,7 +187,7 @@ class FMNISTEvaluator:
     mu, sigma = metrics.feature_stats(features)
     ref = dict(mu=mu, sigma=sigma, features=features,
                radii=metrics.manifold_radii(features, k=3, distances=_PR_DISTANCES))
-    _save_npz_atomic(path, **ref, classifier_sha256=np.array(digest),
+    paths.save_npz(path, **ref, classifier_sha256=np.array(digest),
                      radii_distances=np.array(_PR_DISTANCES))
     return ref
 

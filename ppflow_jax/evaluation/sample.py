@@ -21,12 +21,10 @@ precision / recall (fmnist_features.py).
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import os
 import subprocess
-import tempfile
 import time
 from typing import Callable
 
@@ -40,8 +38,8 @@ from jax.experimental import multihost_utils
 from ppflow_jax import checkpoint
 from ppflow_jax import config_lib
 from ppflow_jax import inference
+from ppflow_jax import paths
 from ppflow_jax import sampling
-from ppflow_jax import stages as stages_lib
 from ppflow_jax.convert import vae as vae_weights
 
 SAMPLES_DIR = 'fid_samples'
@@ -118,22 +116,15 @@ def _fingerprint(config: ml_collections.ConfigDict, spec: sampling.SamplerSpec,
 
 
 def _chunk_path(directory: str, chunk: int) -> str:
-  return os.path.join(directory, f'chunk_{chunk:05d}.npz')
-
-
-def _save_npz_atomic(path: str, **arrays) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp.npz')
-  os.close(fd)
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  return paths.join(directory, f'chunk_{chunk:05d}.npz')
 
 
 def _chunk_done(path: str, fingerprint: str) -> bool:
   """True if `path` is a complete chunk of this run; raises if it belongs to another run."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return False
   try:
-    with np.load(path) as f:
+    with paths.load_npz(path) as f:
       got = str(f['fingerprint'])
   except Exception as e:  # pylint: disable=broad-except
     logging.warning('%s is unreadable (%s): sampling it again.', path, e)
@@ -141,7 +132,7 @@ def _chunk_done(path: str, fingerprint: str) -> bool:
   if got != fingerprint:
     raise ValueError(f'{path} was written by a run with other settings (checkpoint step, sampler, '
                      'labels, seed, batch size or model differ). Delete '
-                     f'{os.path.dirname(path)} or use another --workdir / config.eval.out_dir.')
+                     f'{path.rsplit("/", 1)[0]} or use another --workdir / config.eval.out_dir.')
   return True
 
 
@@ -168,7 +159,7 @@ def generate(model: inference.Inference, out_dir: str, *,
   fingerprint = _fingerprint(config, sampler.spec, model.step, n)
   lead = jax.process_index() == 0
   if lead:
-    os.makedirs(out_dir, exist_ok=True)
+    paths.makedirs(out_dir)
   batch_sharding = model.batch_sharding['y']
   noise_fn = jax.jit(lambda idx: sampling.index_noise(model.latent_shape, idx, config.seed),
                      out_shardings=(model.batch_sharding['x'], batch_sharding))
@@ -193,7 +184,7 @@ def generate(model: inference.Inference, out_dir: str, *,
                                                  .astype(jnp.uint8), tiled=True)
       keep = idx < n
       if lead:
-        _save_npz_atomic(_chunk_path(out_dir, c), images=np.asarray(images)[keep],
+        paths.save_npz(_chunk_path(out_dir, c), images=np.asarray(images)[keep],
                          labels=padded_labels[idx][keep], indices=idx[keep],
                          fingerprint=np.array(fingerprint))
       logging.info('chunk %d (%d/%d) done, %.1f s/chunk', c, k + 1, len(todo),
@@ -209,10 +200,8 @@ def merge_chunks(out_dir: str, num_samples: int,
   """All chunks of `out_dir` -> (images (N, ...), labels (N,)) in index order; checks that every
   index 0..N-1 is present exactly once."""
   images, labels, indices = [], [], []
-  for path in sorted(glob.glob(os.path.join(out_dir, 'chunk_*.npz'))):
-    if path.endswith('.tmp.npz'):
-      continue
-    with np.load(path) as f:
+  for path in paths.glob(out_dir, 'chunk_*.npz'):
+    with paths.load_npz(path) as f:
       if fingerprint is not None and str(f['fingerprint']) != fingerprint:
         raise ValueError(f'{path} belongs to another run; delete {out_dir} and sample again')
       images.append(f['images'])
@@ -234,7 +223,7 @@ def merge_chunks(out_dir: str, num_samples: int,
 
 def file_sha256(path: str) -> str:
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with paths.as_path(path).open('rb') as f:
     for block in iter(lambda: f.read(1 << 20), b''):
       digest.update(block)
   return digest.hexdigest()
@@ -252,17 +241,18 @@ def code_version() -> str | None:
 
 def checkpoint_path(workdir: str, step: int) -> str:
   """Where restore_for_inference read the weights of `step` from."""
-  step_dir = os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINTS, str(step))
-  if os.path.isdir(step_dir):
+  step_dir = paths.join(paths.absolute(workdir), checkpoint.CHECKPOINTS, str(step))
+  if paths.isdir(step_dir):
     return step_dir
-  return os.path.join(os.path.abspath(workdir), checkpoint.PARAMS_DIR)
+  return paths.join(paths.absolute(workdir), checkpoint.PARAMS_DIR)
 
 
-def eval_card(config: ml_collections.ConfigDict, *, checkpoint_dir: str, step: int,
-              samples_file: str, num_samples: int) -> dict:
-  """Everything that changes the published numbers of a sample batch, as a JSON-able dict."""
-  spec = sampling.SamplerSpec.from_config(config)
-  schedule = stages_lib.from_config(config)
+def eval_card(model: inference.Inference, *, checkpoint_dir: str, samples_file: str,
+              num_samples: int) -> dict:
+  """Everything that changes the published numbers of `model`'s sample batch, as a JSON-able
+  dict (its sampler's spec and schedule, the config's evaluator, the code and devices)."""
+  config, schedule, step = model.config, model.schedule, model.step
+  spec = model.sampler().spec
   adaptive = spec.method == sampling.ADAPTIVE
   ref = config.eval.reference_batch
   devices = jax.devices()
@@ -285,7 +275,7 @@ def eval_card(config: ml_collections.ConfigDict, *, checkpoint_dir: str, step: i
                      attention=config.model.attention),
       null_class=config.model.num_classes,
       labels=e.labels, num_samples=num_samples, seed=config.seed,
-      samples_file=os.path.abspath(samples_file),
+      samples_file=paths.absolute(samples_file),
       vae=config.vae.path or None, vae_scaling_factor=config.vae.scaling_factor,
       evaluator=dict(inception_preprocess=e.inception_preprocess, pr_distances=e.pr_distances,
                      is_split_size=e.is_split_size, inception_weights=e.inception_weights or None),
@@ -307,7 +297,7 @@ def _metrics(config: ml_collections.ConfigDict, workdir: str, samples_file: str,
         is_split_size=e.is_split_size, pr_distances=e.pr_distances))
   if config.data.source == 'fashion_mnist' and e.fmnist_fid:
     from ppflow_jax.evaluation import fmnist_features  # pylint: disable=g-import-not-at-top
-    evaluator = fmnist_features.FMNISTEvaluator(os.path.join(workdir, 'fmnist_classifier'))
+    evaluator = fmnist_features.FMNISTEvaluator(paths.join(workdir, 'fmnist_classifier'))
     scores = evaluator.score(
         images.astype(np.float32) / 127.5 - 1.0, labels)
     return dict(fmnist_metrics={k: v for k, v in scores.items() if v is not None})
@@ -326,17 +316,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   config = config_lib.resolve(config)
   model = inference.Inference.from_workdir(workdir, config, vae=vae_weights.for_config(config))
   step = model.step
-  out_dir = config.eval.out_dir or os.path.join(workdir, SAMPLES_DIR)
+  out_dir = config.eval.out_dir or paths.join(workdir, SAMPLES_DIR)
   images, labels = generate(model, out_dir, on_chunk=on_chunk)
   if images is None:
     return {}
-  samples_file = os.path.join(out_dir, 'samples_{}.npz'.format('x'.join(map(str, images.shape))))
-  card = eval_card(config, checkpoint_dir=checkpoint_path(workdir, step), step=step,
+  samples_file = paths.join(out_dir, 'samples_{}.npz'.format('x'.join(map(str, images.shape))))
+  card = eval_card(model, checkpoint_dir=checkpoint_path(workdir, step),
                    samples_file=samples_file, num_samples=len(images))
-  _save_npz_atomic(samples_file, arr_0=images, arr_1=labels)
+  paths.save_npz(samples_file, arr_0=images, arr_1=labels)
   card.update(_metrics(config, workdir, samples_file, images, labels))
-  with open(os.path.join(out_dir, CARD_FILE), 'w') as f:
-    json.dump(card, f, indent=2)
-  logging.info('wrote %s and %s', samples_file, os.path.join(out_dir, CARD_FILE))
+  paths.write_text(paths.join(out_dir, CARD_FILE), json.dumps(card, indent=2))
+  logging.info('wrote %s and %s', samples_file, paths.join(out_dir, CARD_FILE))
   return card
 

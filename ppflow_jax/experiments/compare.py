@@ -99,7 +99,7 @@ def run(workdir: str, steps: int = 0, num_samples: int = 1000, timing_repeats: i
     num_samples = min(num_samples, 20)
     timing_repeats = 1
   evaluator = make_evaluator(fid_cache or os.path.join(workdir, 'fmnist_classifier'), quick)
-  trained, rows = {}, []
+  trained, rows, first_spec = {}, [], None
   for v in VARIANTS:
     config = variant_config(v, steps, quick)
     vdir = os.path.join(workdir, v.train_as or v.name.replace(' ', '_'))
@@ -113,6 +113,7 @@ def run(workdir: str, steps: int = 0, num_samples: int = 1000, timing_repeats: i
       model = inference.Inference.from_trainer(trainer, state.ema, step=state.step)
       trained[v.name] = (model, train_s)
     sampler = model.sampler()
+    first_spec = first_spec or sampler.spec
     row = dict(variant=v.name, note=v.note, train_steps=config.train.steps,
                train_seconds=round(train_s, 1), final_loss=last_loss(vdir),
                evaluations=sum(sampling.num_evaluations(model.schedule, sampler.spec)))
@@ -134,8 +135,7 @@ def run(workdir: str, steps: int = 0, num_samples: int = 1000, timing_repeats: i
   for r in rows:
     r['speed_vs_ppf2'] = base / r['sample_batch_seconds']
   meta = dict(num_samples=num_samples, quick=quick, device=str(jax.devices()[0]),
-              cpu_count=os.cpu_count(), sampler=dataclasses.asdict(
-                  sampling.SamplerSpec.from_config(variant_config(VARIANTS[0], steps, quick))))
+              cpu_count=os.cpu_count(), sampler=dataclasses.asdict(first_spec))
   with open(os.path.join(workdir, 'compare.json'), 'w') as f:
     json.dump(dict(meta=meta, rows=rows), f, indent=2, default=float)
   with open(os.path.join(workdir, 'compare.md'), 'w') as f:

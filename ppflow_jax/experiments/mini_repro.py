@@ -1,17 +1,19 @@
 """The paper's claim in miniature on Fashion-MNIST (32x32x1), on a CPU in under an hour.
 
-  python -m ppflow_jax.experiments.mini_repro --workdir=/tmp/mini_repro          # full run (~25 min, 2 cores)
-  python -m ppflow_jax.experiments.mini_repro --workdir=/tmp/mini_quick --quick  # smoke test (1-2 min)
+  python -m ppflow_jax.experiments.mini_repro --workdir=/tmp/mini_repro  # full run, ~25 min
+  python -m ppflow_jax.experiments.mini_repro --workdir=/tmp/mini_quick \
+      --config=mini_repro:quick                                        # smoke test, 1-2 min
 
-Recipe (paper §3.3 / §4, shrunk): train a SiT baseline (one stage, 2x2 patches) for N steps;
-initialise PPF-2 (4x4 | 2x2, boundary 0.5) and PPF-3 (4x4 | 2x4 | 2x2, boundaries 0.5 / 0.75)
-from its EMA weights with the paper's initialisation (convert/init_from_sit.py) and fine-tune
-each for 10% of N. Then all three (and, as a floor, the untrained SiT) sample the same noise and
-labels with the same sampler, batch by batch and interleaved, so the measured sampling times
-share the machine's load; the first batch (compilation) is not timed and the median over the
-other batches is reported. Quality is FID / precision / recall in the feature space of the
-Fashion-MNIST classifier (evaluation/fmnist_features.py) against the 10k test images, next to
-the analytic testing-FLOPs ratio (flops.py).
+The recipe is configs/mini_repro.py (`--config.train.steps=4000`, ... override it): paper §3.3 /
+§4, shrunk. Train a SiT baseline (one stage, 2x2 patches) for N steps; initialise PPF-2 (4x4 |
+2x2, boundary 0.5) and PPF-3 (4x4 | 2x4 | 2x2, boundaries 0.5 / 0.75) from its EMA weights with
+the paper's initialisation (convert/init_from_sit.py) and fine-tune each for 10% of N. Then all
+three (and, as a floor, the untrained SiT) sample the same noise and labels with the same
+sampler, batch by batch and interleaved, so the measured sampling times share the machine's
+load; the first batch (compilation) is not timed and the median over the other batches is
+reported. Quality is FID / precision / recall in the feature space of the Fashion-MNIST
+classifier (evaluation/fmnist_features.py) against the 10k test images, next to the analytic
+testing-FLOPs ratio (flops.py).
 
 Writes to --workdir: sit/, ppf2/, ppf3/ (training workdirs; a rerun resumes), results.json,
 results.md, fid_vs_time.png and samples.png.
@@ -19,7 +21,7 @@ results.md, fid_vs_time.png and samples.png.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import json
 import os
 import time
@@ -30,9 +32,12 @@ import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections import config_flags
 
 from ppflow_jax import checkpoint
+from ppflow_jax import cli
 from ppflow_jax import config_lib
+from ppflow_jax import errors
 from ppflow_jax import flops
 from ppflow_jax import inference
 from ppflow_jax import loop
@@ -44,68 +49,37 @@ from ppflow_jax.evaluation import sample as sample_lib
 
 
 
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-  """Model size, training and evaluation budget of one mini reproduction."""
-  depth: int = 4
-  hidden_size: int = 128
-  num_heads: int = 4
-  batch_size: int = 32
-  lr: float = 1e-3
-  warmup_steps: int = 50
-  ema_decay: float = 0.99          # short runs: the EMA must forget the initialisation.
-  sit_steps: int = 400
-  finetune_fraction: float = 0.1   # PPF fine-tuning steps / SiT steps (paper: <= 10%).
-  finetune_ema_decay: float = 0.95
-  method: str = 'heun'
-  num_steps: int = 9               # grid points: 8 Heun steps, 16 model evaluations.
-  num_samples: int = 500           # per model, for FID / precision / recall.
-  sample_batch: int = 100          # one timed sampling call.
-  floor_samples: int = 100         # untrained-model samples (FID compared at this count too).
-  classifier_steps: int = fmnist_features.DEFAULT_TRAIN_STEPS
-  checkpoint_every: int = 100
-
-  @property
-  def finetune_steps(self) -> int:
-    return max(1, int(self.sit_steps * self.finetune_fraction))
-
-
-# Euler: one program per stage (Heun's stage crossings compile more); the rest is shrunk too.
-QUICK = Recipe(depth=1, hidden_size=32, num_heads=2, batch_size=8, warmup_steps=0, sit_steps=10,
-               method='euler', num_steps=5, num_samples=20, sample_batch=10, floor_samples=10,
-               classifier_steps=20, checkpoint_every=10)
-
 # name -> number of stages (config_lib.SCHEDULES); 'untrained' is the SiT at initialisation.
 MODELS = {config_lib.model_label(name, patches=True): stages
           for name, (_, stages) in config_lib.PAPER_MODELS.items()}
 _DIRS = {stages: name for name, (_, stages) in config_lib.PAPER_MODELS.items()}
 
 
-def make_config(recipe: Recipe, num_stages: int, finetune: bool) -> ml_collections.ConfigDict:
-  """The default config with the recipe's model and the paper's `num_stages` schedule."""
-  c = config_lib.load_config('configs/default.py')
-  c.model.update(depth=recipe.depth, hidden_size=recipe.hidden_size, num_heads=recipe.num_heads)
+def finetune_steps(config: ml_collections.ConfigDict) -> int:
+  """PPF fine-tuning steps: config.mini_repro.finetune_fraction of the SiT's config.train.steps."""
+  return max(1, int(config.train.steps * config.mini_repro.finetune_fraction))
+
+
+def make_config(config: ml_collections.ConfigDict, num_stages: int,
+                finetune: bool) -> ml_collections.ConfigDict:
+  """The mini reproduction's `config` (configs/mini_repro.py, the SiT's) with the paper's
+  `num_stages` schedule, no guidance, and with `finetune` the PPF fine-tuning fields; resolved."""
+  c = copy.deepcopy(config)
   # No guidance: every stage's scale is 1.0 (one pass), so all models pay the same per step.
   config_lib.set_schedule(c, num_stages, (1.0,) * num_stages)
-  c.train.update(batch_size=recipe.batch_size, lr=recipe.lr, final_report=False, sample_every=0,
-                 log_every=max(1, recipe.checkpoint_every // 2))
   if finetune:
-    c.train.update(steps=recipe.finetune_steps, ema_decay=recipe.finetune_ema_decay,
-                   warmup_steps=recipe.finetune_steps // 4)
-  else:
-    c.train.update(steps=recipe.sit_steps, ema_decay=recipe.ema_decay,
-                   warmup_steps=recipe.warmup_steps)
-  c.sample.update(method=recipe.method, num_steps=recipe.num_steps, batch_size=recipe.sample_batch)
-  c.checkpoint.update(every_steps=recipe.checkpoint_every, max_to_keep=1)
+    steps = finetune_steps(config)
+    c.train.update(steps=steps, ema_decay=config.mini_repro.finetune_ema_decay,
+                   warmup_steps=steps // 4)
   return config_lib.resolve(c)
 
 
-def train_models(recipe: Recipe, workdir: str) -> dict:
+def train_models(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """SiT for sit_steps, then PPF-2/3 from its EMA for finetune_steps -> {stages: Inference of
   the EMA weights}, plus {0: ...} for the untrained SiT. Finished runs are reloaded, not redone."""
   models, seconds = {}, {}
   t0 = time.time()
-  sit_cfg = make_config(recipe, 1, finetune=False)
+  sit_cfg = make_config(config, 1, finetune=False)
   trainer, state = loop.train_and_evaluate(sit_cfg, os.path.join(workdir, _DIRS[1]))
   models[1] = inference.Inference.from_trainer(trainer, state.ema, step=state.step)
   models[0] = inference.Inference.from_trainer(trainer, trainer.init_state().ema)
@@ -113,7 +87,7 @@ def train_models(recipe: Recipe, workdir: str) -> dict:
   sit_ema = jax.device_get(state.ema)
   for stages in (2, 3):
     t0 = time.time()
-    cfg = make_config(recipe, stages, finetune=True)
+    cfg = make_config(config, stages, finetune=True)
     init_dir = os.path.join(workdir, f'{_DIRS[stages]}_init')
     if not os.path.isdir(os.path.join(init_dir, checkpoint.PARAMS_DIR)):
       checkpoint.save_params(init_dir, init_from_sit(sit_ema, cfg), cfg)
@@ -124,14 +98,16 @@ def train_models(recipe: Recipe, workdir: str) -> dict:
   return models, seconds
 
 
-def sample_interleaved(recipe: Recipe, models: dict, seed: int) -> tuple[dict, dict, np.ndarray]:
-  """Samples recipe.num_samples images per model, batch by batch in turn (same noise and labels
-  for all) -> ({stages: images (N, 32, 32, 1) in [-1, 1]}, {stages: [seconds per timed batch]},
-  labels (N,)). Label i = i mod 10, so every prefix is class-balanced."""
-  n, bs = recipe.num_samples, recipe.sample_batch
+def sample_interleaved(config: ml_collections.ConfigDict, models: dict,
+                       seed: int) -> tuple[dict, dict, np.ndarray]:
+  """Samples config.eval.num_samples images per model, batch by batch in turn (same noise and
+  labels for all) -> ({stages: images (N, 32, 32, 1) in [-1, 1]}, {stages: [seconds per timed
+  batch]}, labels (N,)). Label i = i mod 10, so every prefix is class-balanced."""
+  n, bs = config.eval.num_samples, config.sample.batch_size
   if n % bs or n // bs < 2:
-    raise ValueError(f'num_samples={n} must be a multiple (>= 2x) of sample_batch={bs}: the '
-                     'first batch compiles and is not timed')
+    raise errors.UserError(f'config.eval.num_samples={n} must be a multiple (>= 2x) of '
+                           f'config.sample.batch_size={bs}: the first batch compiles and is not '
+                           'timed')
   labels = (np.arange(n) % 10).astype(np.int32)
   # the untrained SiT shares the SiT's compiled programs
   samplers = {k: model.sampler() for k, model in models.items() if k != 0}
@@ -141,7 +117,7 @@ def sample_interleaved(recipe: Recipe, models: dict, seed: int) -> tuple[dict, d
   for b in range(n // bs):
     idx = np.arange(b * bs, (b + 1) * bs)
     for k, model in models.items():
-      if k == 0 and b * bs >= recipe.floor_samples:
+      if k == 0 and b * bs >= config.mini_repro.floor_samples:
         continue
       noise, keys = sampling.index_noise(model.latent_shape, idx, seed)
       y = jax.numpy.asarray(labels[idx])
@@ -155,24 +131,27 @@ def sample_interleaved(recipe: Recipe, models: dict, seed: int) -> tuple[dict, d
   return {k: np.concatenate(v) for k, v in outs.items()}, times, labels
 
 
-def evaluate(recipe: Recipe, workdir: str, models: dict, seconds: dict) -> dict:
+def evaluate(config: ml_collections.ConfigDict, workdir: str, models: dict,
+             seconds: dict) -> dict:
   """Samples, scores and times every model -> the results dict (also written as JSON)."""
-  evaluator = fmnist_features.FMNISTEvaluator(os.path.join(workdir, 'fmnist_classifier'),
-                                              train_steps=recipe.classifier_steps)
+  mr = config.mini_repro
+  evaluator = fmnist_features.FMNISTEvaluator(
+      os.path.join(workdir, 'fmnist_classifier'),
+      train_steps=mr.classifier_steps or fmnist_features.DEFAULT_TRAIN_STEPS)
   t0 = time.time()
-  images, times, labels = sample_interleaved(recipe, models, seed=1234)
+  images, times, labels = sample_interleaved(config, models, seed=1234)
   seconds['sampling'] = time.time() - t0
-  nf = recipe.floor_samples
+  nf = mr.floor_samples
+  sit_steps, ft_steps = config.train.steps, finetune_steps(config)
   rows = []
   for k, model in models.items():
     x = np.clip(images[k], -1.0, 1.0)
     row = dict(model='untrained SiT' if k == 0 else list(MODELS)[k - 1], stages=max(k, 1),
-               train_steps=0 if k == 0 else (recipe.sit_steps if k == 1 else
-                                             recipe.sit_steps + recipe.finetune_steps),
+               train_steps=0 if k == 0 else (sit_steps if k == 1 else sit_steps + ft_steps),
                fid_floor_n=evaluator.score(x[:nf], labels[:nf])['fid'])
     if k:
       scores = evaluator.score(x, labels[:len(x)])
-      spec = sampling.SamplerSpec.from_config(model.config)
+      spec = model.sampler().spec
       row.update(fid=scores['fid'], precision=scores['precision'], recall=scores['recall'],
                  label_accuracy=scores['accuracy_of_labels'],
                  seconds_per_batch=float(np.median(times[k])), timed_batches=len(times[k]),
@@ -185,9 +164,9 @@ def evaluate(recipe: Recipe, workdir: str, models: dict, seconds: dict) -> dict:
       r['speedup'] = base['seconds_per_batch'] / r['seconds_per_batch']
   cfg = models[1].config
   result = dict(
-      rows=rows, recipe=dataclasses.asdict(recipe), finetune_steps=recipe.finetune_steps,
+      rows=rows, config=config.to_dict(), finetune_steps=ft_steps, floor_samples=nf,
       sampler=f'{cfg.sample.method}, {cfg.sample.num_steps} grid points, no guidance',
-      num_samples=recipe.num_samples, sample_batch=recipe.sample_batch,
+      num_samples=config.eval.num_samples, sample_batch=config.sample.batch_size,
       classifier_test_accuracy=evaluator.test_accuracy, phase_seconds=seconds,
       device=f'{jax.devices()[0].device_kind} x{jax.device_count()} ({os.cpu_count()} cores)',
       jax_version=jax.__version__, code_version=sample_lib.code_version())
@@ -200,25 +179,30 @@ def evaluate(recipe: Recipe, workdir: str, models: dict, seconds: dict) -> dict:
 def markdown(result: dict) -> str:
   """The results table (Markdown)."""
   timed = next(r['timed_batches'] for r in result['rows'] if 'timed_batches' in r)
+  # Results written before configs/mini_repro.py (docs/mini_repro_*.json) keep it in 'recipe'.
+  floor = result.get('floor_samples') or result['recipe']['floor_samples']
   lines = [
       f'Sampler: {result["sampler"]}; {result["num_samples"]} samples per model (labels i mod '
       f'10), same noise for every model; time = median over {timed} '
       f'batches of {result["sample_batch"]} after a compile batch, models interleaved; '
       f'{result["device"]}.', '',
-      '| model | train steps | FID | precision | recall | s / batch | speed-up | testing FLOPs |'
-      f' FID@{result["recipe"]["floor_samples"]} |',
+      f'| model | train steps | FID | precision | recall | s / batch of {result["sample_batch"]} |'
+      f' speed-up | testing FLOPs | FID@{floor} |',
       '|---|---|---|---|---|---|---|---|---|']
+  sit_steps = min(r['train_steps'] for r in result['rows'] if r['train_steps'])  # the SiT's
   for r in result['rows']:
+    model = r['model'].replace('|', '\\|')  # a literal bar inside a Markdown cell
     if 'fid' in r:
-      lines.append(f'| {r["model"]} | {r["train_steps"]} | {r["fid"]:.2f} | {r["precision"]:.3f}'
+      steps = (f'{sit_steps} + {r["train_steps"] - sit_steps}' if r['train_steps'] > sit_steps
+               else str(r['train_steps']))  # fine-tunes: the SiT's steps + their own
+      lines.append(f'| {model} | {steps} | {r["fid"]:.2f} | {r["precision"]:.3f}'
                    f' | {r["recall"]:.3f} | {r["seconds_per_batch"]:.2f} | {r["speedup"]:.2f}x |'
                    f' {100 * r["flops_ratio"]:.1f}% | {r["fid_floor_n"]:.2f} |')
     else:
-      lines.append(f'| {r["model"]} | 0 | | | | | | | {r["fid_floor_n"]:.2f} |')
+      lines.append(f'| {model} | 0 | | | | | | | {r["fid_floor_n"]:.2f} |')
   lines += ['', f'FID / precision / recall: Fashion-MNIST classifier features (test accuracy '
             f'{result["classifier_test_accuracy"]:.3f}) vs the 10k test images; not Inception FID. '
-            f'FID@{result["recipe"]["floor_samples"]}: the first '
-            f'{result["recipe"]["floor_samples"]} samples only (for the untrained floor).', '']
+            f'FID@{floor}: the first {floor} samples only (for the untrained floor).', '']
   return '\n'.join(lines)
 
 
@@ -243,12 +227,13 @@ def plot(result: dict, path: str) -> None:
   plt.close(fig)
 
 
-def run(workdir: str, recipe: Recipe) -> dict:
-  """Trains, samples and scores the three models; writes results.{json,md} and the plots."""
+def run(workdir: str, config: ml_collections.ConfigDict) -> dict:
+  """Trains, samples and scores the three models of `config` (configs/mini_repro.py); writes
+  results.{json,md} and the plots."""
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
-  models, seconds = train_models(recipe, workdir)
-  result = evaluate(recipe, workdir, models, seconds)
+  models, seconds = train_models(config, workdir)
+  result = evaluate(config, workdir, models, seconds)
   result['total_seconds'] = time.time() - start
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(result, f, indent=2)
@@ -262,14 +247,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  recipe = QUICK if f.quick else Recipe()
-  if f.sit_steps:
-    recipe = dataclasses.replace(recipe, sit_steps=f.sit_steps)
-  if f.num_samples:
-    recipe = dataclasses.replace(recipe, num_samples=f.num_samples)
-  if f.finetune_fraction:
-    recipe = dataclasses.replace(recipe, finetune_fraction=f.finetune_fraction)
-  result = run(f.workdir, recipe)
+  result = run(f.workdir, f.config)
   print(markdown(result))
   print(f'total {result["total_seconds"]:.0f} s; results in {f.workdir}')
 
@@ -277,14 +255,13 @@ def main(argv):
 def define_flags() -> None:
   """The command line's flags (defined under `__main__` only: this module is also a library)."""
   flags.DEFINE_string('workdir', None, 'Where models, samples and results go.')
-  flags.DEFINE_bool('quick', False, 'Tiny smoke-test recipe (1-2 min; meaningless numbers).')
-  flags.DEFINE_integer('sit_steps', 0, 'Override the SiT baseline steps (0 = recipe).')
-  flags.DEFINE_integer('num_samples', 0, 'Override samples per model (0 = recipe).')
-  flags.DEFINE_float('finetune_fraction', 0.0,
-                     'Override PPF fine-tuning steps / SiT steps (0 = recipe: 0.1).')
+  config_flags.DEFINE_config_file(
+      'config', config_lib.find_config('mini_repro'), 'The recipe: configs/mini_repro.py (full '
+      'run) or mini_repro:quick (1-2 min smoke test); overrides with --config.x=y.',
+      lock_config=True)
   flags.mark_flag_as_required('workdir')
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)
