@@ -31,9 +31,16 @@ _CHECK_TYPES = (ValueError, OSError, RuntimeError)
 _INTERNAL_TYPES = (NotImplementedError, RecursionError)
 
 
+def print_error(message: str) -> None:
+  """Prints `error: message` on stderr as one write, so that no other thread's output (orbax's
+  background logging) can land between the message and its newline."""
+  sys.stderr.write(f'error: {message}\n')
+  sys.stderr.flush()
+
+
 def fail(message: str) -> None:
   """Prints `error: message` on stderr and exits with status 2."""
-  print(f'error: {message}', file=sys.stderr, flush=True)
+  print_error(message)
   sys.exit(2)
 
 

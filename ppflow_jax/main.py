@@ -123,10 +123,9 @@ def main(argv):
   try:
     run(f.config, f.workdir, f.mode, f.class_labels, force=f.force)
   except lease.LeaseHeldError as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(2)
+    cli.fail(str(e))
   except (checkpoint.CheckpointWriteError, lease.LeaseLostError) as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
+    cli.print_error(str(e))
     sys.exit(1)
 
 
