@@ -258,8 +258,8 @@ def largest_fitting(peak_gib: Callable[[int], float | None], hbm_gib: float, sta
   peak_gib(n) is a compile (minutes at XL), None when the compiler itself ran out of memory.
   Peak memory grows almost linearly with the batch, so after two measured sizes the next one is
   where the least-squares line through all measured peaks meets the HBM, between the largest size
-  that fits and the smallest that does not; the search ends when
-  those two are adjacent (typically four compiles); where the line misleads, it bisects.
+  that fits and the smallest that does not; the search ends when those two are adjacent
+  (typically four compiles). Where the line misleads, it bisects.
   """
   lo, hi, trials, n = 0, limit + 1, [], min(start, limit)
   while hi - lo > 1 and len(trials) < max_trials:
@@ -268,7 +268,7 @@ def largest_fitting(peak_gib: Callable[[int], float | None], hbm_gib: float, sta
     trials.append(dict(n=n, peak_gib=peak, fits=fits))
     lo, hi = (max(lo, n), hi) if fits else (lo, min(hi, n))
     known = [(t['n'], t['peak_gib']) for t in trials if t['peak_gib'] is not None]
-    if len({k for k, _ in known}) >= 2:
+    if len(known) >= 2:  # sizes are never tried twice
       xs, ys = zip(*known)
       mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
       slope = sum((x - mx) * (y - my) for x, y in known) / sum((x - mx) ** 2 for x in xs)
