@@ -25,8 +25,11 @@ from etils.epath import backend as epath_backend
 from fsspec.implementations.local import LocalFileSystem
 from orbax.checkpoint._src.path import gcs_utils
 
-from ppflow_jax import checkpoint, config_lib, inference, loop, main, paths
+from ppflow_jax import aot, checkpoint, config_lib, errors, inference, loop, main, paths
+from ppflow_jax import schedule_search, weights
 from ppflow_jax.data import extract, latents
+from ppflow_jax.experiments import compare, mini_repro
+from tests.helpers import ROOT
 from tests.test_data import _config as data_config
 from tests.test_data import image_folder_dir, tiny_vae  # noqa: F401  (fixtures)
 
@@ -121,3 +124,51 @@ def test_extract_latents_to_gs(bucket_root, image_folder_dir, tiny_vae):
   done = []
   extract.run(config, out, on_shard_done=done.append, **kw)  # a rerun finds every shard done
   assert not done
+
+
+def _committed(name: str) -> dict:
+  with open(os.path.join(ROOT, 'docs', name)) as f:
+    return json.load(f)
+
+
+def test_result_writers_on_gs(bucket_root):
+  """Every experiment's result writer, given gs:// directories: the objects land in the bucket
+  (and the fixture checks that no local `gs:` directory appears). Inputs are the committed results."""
+  rows = _committed('compare_results.json')
+  compare.write_results(rows['rows'], rows['meta'], 'gs://bucket/compare')
+  mini = _committed('mini_repro_results.json')
+  mini_repro.write_results(mini, 'gs://bucket/mini')
+  search = _committed('schedule_search_default.json')
+  schedule_search.write_results(search, 'gs://bucket/run/schedule_search')
+  hlo = aot.write_hlo('gs://bucket/hlo', 'train/step', 'HloModule train_step\n')
+  assert hlo == 'gs://bucket/hlo/train_step.hlo.txt'
+
+  local = os.path.join(bucket_root, 'bucket')
+  def read(name):
+    with open(os.path.join(local, name)) as f:
+      return f.read()
+  assert json.loads(read('compare/compare.json'))['rows'] == rows['rows']
+  assert read('compare/compare.md') == compare.markdown(rows['rows'], rows['meta'])
+  assert json.loads(read('mini/results.json')) == mini
+  assert read('mini/results.md') == mini_repro.markdown(mini)
+  assert json.loads(read('run/schedule_search/search.json')) == search
+  assert read('run/schedule_search/override.txt') == search['override'] + '\n'
+  for png in ('mini/fid_vs_time.png', 'run/schedule_search/pareto.png'):
+    with open(os.path.join(local, png), 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n', png
+  assert read('hlo/train_step.hlo.txt') == 'HloModule train_step\n'
+
+  # compare reads each variant's metrics.jsonl back through the bucket.
+  assert compare.last_loss('gs://bucket/compare/PPF-2') is None
+  paths.append_text('gs://bucket/compare/PPF-2/metrics.jsonl', '{"step": 1, "loss": 0.5}\n')
+  assert compare.last_loss('gs://bucket/compare/PPF-2') == 0.5
+
+
+def test_weights_cache_refuses_a_url(monkeypatch):
+  """torch.load needs local files: a URL cache directory is one clear error, never `./gs:/...`."""
+  monkeypatch.setenv('PPFLOW_CACHE', 'gs://bucket/cache')
+  with pytest.raises(errors.UserError, match=r"PPFLOW_CACHE='gs://bucket/cache' is a URL.*local"):
+    weights.cache_dir()
+  monkeypatch.setenv('PPFLOW_CACHE', 'gs:/bucket/cache')
+  with pytest.raises(errors.UserError, match='lost a slash'):
+    weights.cache_dir()
