@@ -8,15 +8,23 @@ paths.py and orbax's metadata) gets a file system registered for gs:// that maps
 directories); TensorStore, which orbax gives its own GCS driver for array data, gets the same
 directory through its file driver (orbax's `gcs_utils.get_kvstore_for_gcs`). Orbax still treats
 the path as GCS (commit-marker finalisation instead of renames), and the bucket's hierarchical
-namespace lookup (a Cloud Storage API call) answers "off".
+namespace lookup (a Cloud Storage API call) answers "off". array_record (grain's latent and tfds
+shard reader) opens gs:// objects with its own Cloud Storage client (google-cloud-cpp, not fsspec);
+it is pointed at the same directory through the client's CLOUD_STORAGE_EMULATOR_ENDPOINT by a
+127.0.0.1 server answering the JSON API's ranged object reads (`_ObjectReads`).
 """
 
 from __future__ import annotations
 
+import http.server
 import importlib
 import json
 import os
+import re
+import shutil
+import threading
 import types
+import urllib.parse
 
 import jax
 import numpy as np
@@ -26,7 +34,7 @@ from fsspec.implementations.local import LocalFileSystem
 from orbax.checkpoint._src.path import gcs_utils
 
 from ppflow_jax import aot, checkpoint, config_lib, errors, inference, loop, main, paths
-from ppflow_jax import schedule_search, weights
+from ppflow_jax import data, schedule_search, weights
 from ppflow_jax.data import extract, latents
 from ppflow_jax.experiments import compare, mini_repro
 from tests.helpers import ROOT
@@ -34,6 +42,36 @@ from tests.test_data import _config as data_config
 from tests.test_data import image_folder_dir, tiny_vae  # noqa: F401  (fixtures)
 
 WORKDIR = 'gs://bucket/run'
+
+
+class _ObjectReads(http.server.BaseHTTPRequestHandler):
+  """GET /storage/v1/b/BUCKET/o/OBJECT?alt=media (Range: bytes=a-b, a- or -n) from `root`."""
+  root = ''
+
+  def log_message(self, *args):  # quiet
+    pass
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    url = urllib.parse.urlsplit(self.path)
+    m = re.fullmatch(r'/(?:download/)?storage/v1/b/([^/]+)/o/(.+)', url.path)
+    file = m and os.path.join(self.root, m[1], urllib.parse.unquote(m[2]))
+    if not file or 'alt=media' not in url.query or not os.path.isfile(file):
+      self.send_response(404)
+      self.send_header('Content-Length', '0')
+      self.end_headers()
+      return
+    with open(file, 'rb') as f:
+      data = f.read()
+    start, end = 0, len(data)
+    first, _, last = self.headers.get('Range', '').removeprefix('bytes=').partition('-')
+    if first or last:
+      start = int(first) if first else max(0, len(data) - int(last))
+      end = min(len(data), int(last) + 1) if first and last else len(data)
+    self.send_response(206 if 'Range' in self.headers else 200)
+    self.send_header('Content-Length', str(end - start))
+    self.send_header('Content-Range', f'bytes {start}-{end - 1}/{len(data)}')
+    self.end_headers()
+    self.wfile.write(data[start:end])
 
 
 @pytest.fixture
@@ -71,7 +109,13 @@ def bucket_root(tmp_path, monkeypatch):
       'driver': 'file', 'path': os.path.join(root, path.removeprefix('gs://'))})
   monkeypatch.setattr(gcs_utils, 'get_bucket',
                       lambda name: types.SimpleNamespace(hierarchical_namespace_enabled=False))
+  server = http.server.ThreadingHTTPServer(
+      ('127.0.0.1', 0), type('Reads', (_ObjectReads,), {'root': root}))
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  monkeypatch.setenv('CLOUD_STORAGE_EMULATOR_ENDPOINT', f'http://127.0.0.1:{server.server_port}')
   yield root
+  server.shutdown()
+  server.server_close()
   epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
   made = [os.path.join(d, n) for d, dirs, _ in os.walk(tmp_path) for n in dirs if 'gs:' in n]
   assert not made, f'local gs: directories: {made}'
@@ -118,12 +162,32 @@ def test_extract_latents_to_gs(bucket_root, image_folder_dir, tiny_vae):
   kw = dict(shard_size=8, per_device_batch=4, num_threads=2, model=tiny_vae)
   meta = extract.run(config, out, **kw)
   assert meta['complete'] and meta['num_shards'] == 3 and latents.read_meta(out)['complete']
-  # The uploaded shards are whole ArrayRecord files (read here through the bucket's directory).
-  src = latents.LatentSource(os.path.join(bucket_root, 'bucket', 'latents'))
-  assert len(src) == 21 and np.isfinite(src[20]['moments']).all()
+  # Training reads the shards straight from the bucket (grain -> array_record's GCS client), the
+  # same records as through the bucket's directory.
+  src = latents.LatentSource(out)
+  local = latents.LatentSource(os.path.join(bucket_root, 'bucket', 'latents'))
+  assert len(src) == len(local) == 21
+  batch, want = src.get_batch(np.array([20, 0, 9])), local.get_batch(np.array([20, 0, 9]))
+  np.testing.assert_array_equal(batch['moments'], want['moments'])
+  np.testing.assert_array_equal(batch['y'], want['y'])
+  it = data.make_train_iterator(data_config('latents', out), global_batch_size=4, seed=1)
+  assert next(it)['x'].shape == (4, *meta['latent_shape'])
+  # A shard that lost records on the bucket is caught by reading it back through that client.
+  shard = os.path.join(bucket_root, 'bucket', 'latents', latents.shard_name(2, 3))
+  shutil.copy(os.path.join(bucket_root, 'bucket', 'latents', latents.shard_name(1, 3)), shard)
+  with pytest.raises(RuntimeError, match='shard 2: 8 records, 5 indices'):
+    extract.verify(out, meta)
+  os.remove(shard)
   done = []
-  extract.run(config, out, on_shard_done=done.append, **kw)  # a rerun finds every shard done
-  assert not done
+  extract.run(config, out, on_shard_done=done.append, **kw)  # a rerun redoes the lost shard only
+  assert done == [2]
+
+
+def test_latents_from_other_urls_are_refused(tmp_path):
+  """array_record reads local files and gs:// only; another scheme would read as empty shards."""
+  with pytest.raises(errors.UserError, match=r"config.data.path='s3://b/latents': array_record "
+                     'reads latent shards from local paths and gs:// only'):
+    latents.LatentSource('s3://b/latents')
 
 
 def _committed(name: str) -> dict:
