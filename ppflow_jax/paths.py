@@ -131,6 +131,16 @@ def glob(directory, pattern: str) -> list[str]:
   return sorted(os.fspath(p) for p in as_path(directory).glob(pattern))
 
 
+def walk(directory) -> Iterator[tuple[str, list[str], list[str]]]:
+  """os.walk for a local path or a URL: (folder, subfolder names, file names), in listing order.
+  etils' fsspec backend yields folders without their scheme (`bucket/dir`); it is put back."""
+  text = check(directory)
+  scheme = text.split('://', 1)[0] + '://' if is_url(text) else ''
+  for folder, dirs, files in as_path(text).walk():
+    name = os.fspath(folder)
+    yield (name if name.startswith(scheme) else scheme + name), dirs, files
+
+
 def append_text(path, text: str) -> None:
   """Appends `text`: in place on local files, by rewriting the object on object stores."""
   p = as_path(path)

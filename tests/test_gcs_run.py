@@ -35,10 +35,11 @@ from orbax.checkpoint._src.path import gcs_utils
 
 from ppflow_jax import aot, checkpoint, config_lib, errors, inference, loop, main, paths
 from ppflow_jax import data, schedule_search, weights
-from ppflow_jax.data import extract, latents
+from ppflow_jax.data import extract, fashion_mnist, latents
 from ppflow_jax.experiments import compare, mini_repro
 from tests.helpers import ROOT
 from tests.test_data import _config as data_config
+from tests.test_data import _write_idx as write_idx
 from tests.test_data import image_folder_dir, tiny_vae  # noqa: F401  (fixtures)
 
 WORKDIR = 'gs://bucket/run'
@@ -99,6 +100,10 @@ def bucket_root(tmp_path, monkeypatch):
     def glob(self, path, **kwargs):  # epath adds 'gs://' to the names: give bucket/key ones
       return [os.path.relpath(p, root) for p in super().glob(path, **kwargs)]
 
+    def walk(self, path, **kwargs):  # folders named bucket/key, as gcsfs names them
+      for folder, dirs, files in super().walk(path, **kwargs):
+        yield os.path.relpath(folder, root), dirs, files
+
   monkeypatch.chdir(tmp_path)
   monkeypatch.setenv('EPATH_USE_TF', 'false')
   registry = importlib.import_module('fsspec.registry')._registry  # pylint: disable=protected-access
@@ -156,8 +161,16 @@ def test_train_resume_and_sample_on_gs(bucket_root):
 
 
 def test_extract_latents_to_gs(bucket_root, image_folder_dir, tiny_vae):
-  """`data.extract --out=gs://...`: shards uploaded whole, meta and indices through paths.py."""
-  config = data_config('image_folder', image_folder_dir)
+  """`data.extract` from an image folder on gs:// to `--out=gs://...`: shards uploaded whole, meta
+  and indices through paths.py, then read back from the bucket for training."""
+  shutil.copytree(image_folder_dir, os.path.join(bucket_root, 'bucket', 'images'))
+  config = data_config('image_folder', 'gs://bucket/images')
+  remote, local = extract.image_source(config), extract.image_source(
+      data_config('image_folder', image_folder_dir))
+  assert [os.path.relpath(f, 'gs://bucket/images') for f in remote.files] == [
+      os.path.relpath(f, image_folder_dir) for f in local.files]
+  assert remote.labels.tolist() == local.labels.tolist() and len(remote) == 21
+  np.testing.assert_array_equal(remote[20]['image'], local[20]['image'])
   out = 'gs://bucket/latents'
   kw = dict(shard_size=8, per_device_batch=4, num_threads=2, model=tiny_vae)
   meta = extract.run(config, out, **kw)
@@ -181,6 +194,17 @@ def test_extract_latents_to_gs(bucket_root, image_folder_dir, tiny_vae):
   done = []
   extract.run(config, out, on_shard_done=done.append, **kw)  # a rerun redoes the lost shard only
   assert done == [2]
+
+
+def test_fashion_mnist_from_gs(bucket_root, tmp_path):
+  raw = np.random.default_rng(0).integers(1, 256, (5, 28, 28))
+  for root in (str(tmp_path / 'fmnist'), os.path.join(bucket_root, 'bucket', 'fmnist')):
+    os.makedirs(root)
+    write_idx(os.path.join(root, 'train-images-idx3-ubyte.gz'), raw, 2051)
+    write_idx(os.path.join(root, 'train-labels-idx1-ubyte.gz'), np.arange(5) + 3, 2049)
+  images, labels = fashion_mnist.load('gs://bucket/fmnist')
+  assert images.shape == (5, 32, 32, 1) and labels.tolist() == [3, 4, 5, 6, 7]
+  np.testing.assert_array_equal(images, fashion_mnist.load(str(tmp_path / 'fmnist'))[0])
 
 
 def test_latents_from_other_urls_are_refused(tmp_path):
