@@ -1,9 +1,10 @@
 """The one path abstraction for workdirs, checkpoints, data and latents: `etils.epath`.
 
 A path is a local file name or a URL of any file system epath serves (`gs://bucket/run` on Cloud
-Storage through fsspec/gcsfs or tf.io.gfile, `s3://`, ...). orbax, grain/array_record and tfds
-take the same strings natively, so a `gs://` workdir needs no gcsfuse mount (a mount still works:
-it is a local path). Helpers here never pass a URL through `os.path.abspath` or `os.makedirs`,
+Storage through fsspec/gcsfs or tf.io.gfile, `s3://`, ...). orbax and tfds take the same strings
+natively, so a `gs://` workdir needs no gcsfuse mount (a mount still works: it is a local path).
+ArrayRecord shards are the exception: array_record opens them with its own C++ file layer, which
+reads local files and `gs://` (its own Cloud Storage client) only (data/latents.py checks). Helpers here never pass a URL through `os.path.abspath` or `os.makedirs`,
 which would turn `gs://b/run` into a local directory `./gs:/b/run`; `check` refuses such mangled
 names outright.
 
