@@ -100,8 +100,8 @@ def bucket_root(tmp_path, monkeypatch):
     def glob(self, path, **kwargs):  # epath adds 'gs://' to the names: give bucket/key ones
       return [os.path.relpath(p, root) for p in super().glob(path, **kwargs)]
 
-    def walk(self, path, **kwargs):  # folders named bucket/key, as gcsfs names them
-      for folder, dirs, files in super().walk(path, **kwargs):
+    def walk(self, path, *args, **kwargs):  # folders named bucket/key, as gcsfs names them
+      for folder, dirs, files in super().walk(path, *args, **kwargs):
         yield os.path.relpath(folder, root), dirs, files
 
   monkeypatch.chdir(tmp_path)

@@ -28,8 +28,8 @@ class FakeGCS(MemoryFileSystem):
   def _strip_protocol(cls, path):
     return MemoryFileSystem._strip_protocol(path.replace('gs://', '', 1))
 
-  def walk(self, path, **kwargs):  # folders named bucket/key, as gcsfs names them
-    for folder, dirs, files in super().walk(path, **kwargs):
+  def walk(self, path, *args, **kwargs):  # folders named bucket/key, as gcsfs names them
+    for folder, dirs, files in super().walk(path, *args, **kwargs):
       yield folder.lstrip('/'), dirs, files
 
 
