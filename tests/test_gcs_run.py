@@ -36,6 +36,7 @@ from orbax.checkpoint._src.path import gcs_utils
 from ppflow_jax import aot, checkpoint, config_lib, errors, inference, loop, main, paths
 from ppflow_jax import data, schedule_search, weights
 from ppflow_jax.data import extract, fashion_mnist, latents
+from ppflow_jax.evaluation import metrics
 from ppflow_jax.experiments import compare, mini_repro
 from tests.helpers import ROOT
 from tests.test_data import _config as data_config
@@ -205,6 +206,21 @@ def test_fashion_mnist_from_gs(bucket_root, tmp_path):
   images, labels = fashion_mnist.load('gs://bucket/fmnist')
   assert images.shape == (5, 32, 32, 1) and labels.tolist() == [3, 4, 5, 6, 7]
   np.testing.assert_array_equal(images, fashion_mnist.load(str(tmp_path / 'fmnist'))[0])
+
+
+def test_evaluator_reads_sample_and_reference_batches_from_gs(bucket_root):
+  """evaluation.evaluate's readers stream .npz batches from the bucket (ranged reads)."""
+  images = np.random.default_rng(0).integers(0, 256, size=(7, 8, 8, 3), dtype=np.uint8)
+  local = os.path.join(bucket_root, 'bucket', 'eval')
+  os.makedirs(local)
+  np.savez_compressed(os.path.join(local, 'ref.npz'), arr_0=images, mu=np.zeros(4),
+                      sigma=np.eye(4), mu_s=np.ones(3), sigma_s=np.eye(3))
+  np.savez(os.path.join(local, 'samples.npz'), images)
+  ref = metrics.load_reference_batch('gs://bucket/eval/ref.npz')
+  assert ref.num_images == 7 and ref.sigma_s.shape == (3, 3)
+  np.testing.assert_array_equal(np.concatenate(list(ref.iter_images(3))), images)
+  np.testing.assert_array_equal(
+      np.concatenate(list(metrics.iter_images('gs://bucket/eval/samples.npz', 4))), images)
 
 
 def test_latents_from_other_urls_are_refused(tmp_path):
