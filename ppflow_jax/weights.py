@@ -76,6 +76,14 @@ def cache_dir() -> str:
   return paths.check(path, 'PPFLOW_CACHE')
 
 
+def require_local(path: str) -> None:
+  """Raises UserFileError for a URL: weight files are read from local disk (torch.load)."""
+  if paths.is_url(path):
+    raise errors.UserFileError(
+        f'{path!r}: weight files are read from local disk (torch.load); copy it first (gcloud '
+        'storage cp) or mount the bucket, and pass the local path')
+
+
 def release(name: str) -> Release | None:
   """The registry entry of `name` (`PPF-XL-2`, `PPF-XL-2.pt`, any case), or None."""
   key = name if name.endswith('.pt') else name + '.pt'
@@ -192,6 +200,7 @@ def resolve(spec: str, *, progress: bool = True) -> str:
   if re.match(r'^https?://', spec):
     name = os.path.basename(spec.split('?', 1)[0]) or 'download'
     return download(spec, os.path.join(cache_dir(), name), progress=progress)
+  require_local(spec)
   raise errors.UserFileError(
       f'{spec!r} is neither a file nor a released weight name; give a path, an http(s) URL, '
       f'hf:<repo id>, or one of {", ".join(REGISTRY)}')

@@ -35,6 +35,7 @@ from orbax.checkpoint._src.path import gcs_utils
 
 from ppflow_jax import aot, checkpoint, config_lib, errors, inference, loop, main, paths
 from ppflow_jax import data, schedule_search, weights
+from ppflow_jax.convert import torch_io
 from ppflow_jax.data import extract, fashion_mnist, latents
 from ppflow_jax.evaluation import metrics
 from ppflow_jax.experiments import compare, mini_repro
@@ -269,10 +270,16 @@ def test_result_writers_on_gs(bucket_root):
 
 
 def test_weights_cache_refuses_a_url(monkeypatch):
-  """torch.load needs local files: a URL cache directory is one clear error, never `./gs:/...`."""
+  """torch.load needs local files: a URL cache directory or weight file is one clear error, never
+  `./gs:/...`."""
   monkeypatch.setenv('PPFLOW_CACHE', 'gs://bucket/cache')
   with pytest.raises(errors.UserError, match=r"PPFLOW_CACHE='gs://bucket/cache' is a URL.*local"):
     weights.cache_dir()
   monkeypatch.setenv('PPFLOW_CACHE', 'gs:/bucket/cache')
   with pytest.raises(errors.UserError, match='lost a slash'):
     weights.cache_dir()
+  with pytest.raises(errors.UserError, match=r"'gs://bucket/PPF-XL-2.pt': weight files are read "
+                     'from local disk'):
+    weights.resolve('gs://bucket/PPF-XL-2.pt')
+  with pytest.raises(errors.UserError, match='weight files are read from local disk'):
+    torch_io.read_state_dict('gs://bucket/PPF-XL-2.pt')  # what init_from=gs://... reaches
