@@ -36,13 +36,14 @@ from orbax.checkpoint._src.path import gcs_utils
 from ppflow_jax import aot, checkpoint, config_lib, errors, inference, loop, main, paths
 from ppflow_jax import data, schedule_search, weights
 from ppflow_jax.convert import torch_io
-from ppflow_jax.data import extract, fashion_mnist, latents
+from ppflow_jax.data import extract, fashion_mnist, imagenet, latents
 from ppflow_jax.evaluation import metrics
 from ppflow_jax.experiments import compare, mini_repro
 from tests.helpers import ROOT
 from tests.test_data import _config as data_config
 from tests.test_data import _write_idx as write_idx
 from tests.test_data import image_folder_dir, tiny_vae  # noqa: F401  (fixtures)
+from tests.test_imagenet import fake_imagenet  # noqa: F401  (fixture)
 
 WORKDIR = 'gs://bucket/run'
 
@@ -222,6 +223,19 @@ def test_evaluator_reads_sample_and_reference_batches_from_gs(bucket_root):
   np.testing.assert_array_equal(np.concatenate(list(ref.iter_images(3))), images)
   np.testing.assert_array_equal(
       np.concatenate(list(metrics.iter_images('gs://bucket/eval/samples.npz', 4))), images)
+
+
+def test_tfds_imagenet_from_gs(bucket_root, fake_imagenet):
+  """An imagenet2012 tfds build on a bucket: metadata through epath, shards through array_record's
+  Cloud Storage client; the same examples as from the local copy."""
+  local_dir, _, labels = fake_imagenet
+  shutil.copytree(local_dir, os.path.join(bucket_root, 'bucket', 'tfds'))
+  source = imagenet.ImageNetSource('gs://bucket/tfds', 16)
+  local = imagenet.ImageNetSource(local_dir, 16)
+  assert len(source) == len(labels)
+  for i in (0, len(labels) - 1):
+    assert int(source[i]['label']) == labels[i]
+    np.testing.assert_array_equal(source[i]['image'], local[i]['image'])
 
 
 def test_latents_from_other_urls_are_refused(tmp_path):
