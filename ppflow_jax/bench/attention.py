@@ -147,22 +147,14 @@ def main(argv) -> None:
   opts = dict(batch=f.batch, heads=f.heads, head_dim=f.head_dim, dtype=f.dtype,
               lengths=[int(x) for x in f.lengths], rounds=f.rounds, calls=f.calls)
   results = [r for length in opts['lengths'] for r in bench_length(length, opts)]
-  result = dict(benchmark='attention', device=common.device_info(), options=opts,
-                results=results)
-  print(f"{result['device']['device_kind']}, jax {result['device']['jax']}: q, k, v "
-        f"({opts['batch']}, L, {opts['heads']}, {opts['head_dim']}) {opts['dtype']}, "
-        f"{opts['rounds']} interleaved rounds x {opts['calls']} calls, median (min-max) ms")
-  print(common.write_outputs(result, *table(result), json_path=f.json, markdown=f.markdown))
+  common.report('attention', opts, results, table,
+                f"q, k, v ({opts['batch']}, L, {opts['heads']}, {opts['head_dim']}) "
+                f"{opts['dtype']}, {opts['rounds']} interleaved rounds x {opts['calls']} calls, "
+                'median (min-max) ms')
 
 
 if __name__ == '__main__':
-  flags.DEFINE_integer('batch', 16, 'Rows (a CFG-doubled batch of 8 images).')
-  flags.DEFINE_integer('heads', 6, 'Heads (S: 6).')
+  common.define_part_flags(rounds=5, calls=2)
   flags.DEFINE_integer('head_dim', 64, 'Head dim (S/B/L: 64, XL: 72).')
-  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'q, k, v dtype.')
   flags.DEFINE_list('lengths', ['256', '128', '64'], 'Sequence lengths (the stages\' tokens).')
-  flags.DEFINE_integer('rounds', 5, 'Interleaved rounds.')
-  flags.DEFINE_integer('calls', 2, 'Timed calls per candidate per round.')
-  flags.DEFINE_string('json', '', 'Write the results as JSON to this file.')
-  flags.DEFINE_bool('markdown', False, 'Print a Markdown table.')
   app.run(main)

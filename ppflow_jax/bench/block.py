@@ -168,22 +168,15 @@ def main(argv) -> None:
     raise app.UsageError(f'--length={f.length} must divide by --per_row={f.per_row}')
   opts = dict(batch=f.batch, length=f.length, width=f.width, heads=f.heads, per_row=f.per_row,
               dtype=f.dtype, rounds=f.rounds, calls=f.calls)
-  result = dict(benchmark='block', device=common.device_info(), options=opts, results=run(opts))
-  print(f"{result['device']['device_kind']}, jax {result['device']['jax']}, torch "
-        f"{torch.__version__}: x ({f.batch}, {f.length}, {f.width}), {f.heads} heads, {f.dtype}; "
-        f"{f.rounds} interleaved rounds of {f.calls} calls; median (min-max) ms per call")
-  print(common.write_outputs(result, *table(result), json_path=f.json, markdown=f.markdown))
+  common.report('block', opts, run(opts), table,
+                f'torch {torch.__version__}, x ({f.batch}, {f.length}, {f.width}), {f.heads} '
+                f'heads, {f.dtype}; {f.rounds} interleaved rounds of {f.calls} calls; median '
+                '(min-max) ms per call')
 
 
 if __name__ == '__main__':
-  flags.DEFINE_integer('batch', 16, 'Rows (a CFG-doubled batch of 8 images).')
+  common.define_part_flags(rounds=7, calls=3)  # one sample = the mean of `calls` calls
   flags.DEFINE_integer('length', 256, 'Tokens per row (the 2x2 stage of a 32x32 latent).')
   flags.DEFINE_integer('width', 384, 'Hidden size (S: 384).')
-  flags.DEFINE_integer('heads', 6, 'Heads (S: 6).')
   flags.DEFINE_integer('per_row', 4, 'Samples per packed row in block_packed (4x4 stage: 4).')
-  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype of the block.')
-  flags.DEFINE_integer('rounds', 7, 'Interleaved rounds.')
-  flags.DEFINE_integer('calls', 3, 'Calls per part per round (their mean is one sample).')
-  flags.DEFINE_string('json', '', 'Write the results as JSON to this file.')
-  flags.DEFINE_bool('markdown', False, 'Print a Markdown table.')
   app.run(main)
