@@ -9,8 +9,11 @@ rest. The experiment swaps in the PPF-2 / PPF-3 schedules and the fine-tuning fi
   python -m ppflow_jax.experiments.mini_repro --workdir=/tmp/m --config=mini_repro:quick \\
       --config.train.steps=20
 
-Arguments: None (the full run, ~25 min on 2 CPU cores) or 'quick' (a 1-2 min smoke test with a
-one-block model; meaningless numbers). Euler in 'quick': one program per stage (Heun's stage
+Arguments: None (the full run, ~25 min on 2 CPU cores), 'quick' (a 1-2 min smoke test with a
+one-block model; meaningless numbers), 'converged' (issue 14 item 6: the SiT trained until its
+loss and FID plateau, checked every 500 steps up to 20k; PPF-2/3 fine-tuned for 10% and 20% of
+its steps with two seeds, plus the initialised PPFs; many CPU hours, resumable) and
+'converged_quick' (its smoke test with the 'quick' model). Euler in 'quick': one program per stage (Heun's stage
 crossings compile more).
 """
 
@@ -29,18 +32,31 @@ def get_config(arg=None):
   c.eval.num_samples = 500
   c.checkpoint.update(every_steps=100, max_to_keep=1)
   c.mini_repro = ml_collections.ConfigDict(dict(
-      finetune_fraction=0.1,    # PPF fine-tuning steps / SiT steps (paper: <= 10%)
+      finetune_fractions=(0.1,),  # PPF fine-tuning steps / SiT steps (paper: <= 10%)
+      seeds=(0,),               # fine-tuning seeds (data order, noise, level embedding)
+      # The SiT's plateau loop (0: train config.train.steps): every plateau_every steps, up to
+      # max_steps, score the EMA (FID on plateau_samples images) and the chunk's mean loss; stop
+      # when neither improved by more than plateau_tol (relative) over `patience` checks.
+      plateau_every=0, max_steps=0, patience=3, plateau_tol=0.02, plateau_samples=500,
       finetune_ema_decay=0.95,
       floor_samples=100,        # untrained-SiT samples (FID compared at this count too)
       classifier_steps=0,       # Fashion-MNIST classifier steps; 0 = its default
   ))
-  if arg == 'quick':
+  if arg in ('converged', 'converged_quick'):
+    c.mini_repro.update(finetune_fractions=(0.1, 0.2), seeds=(0, 1), plateau_every=500,
+                        max_steps=20000)
+    c.train.log_every = 25
+  if arg in ('quick', 'converged_quick'):
     c.model.update(depth=1, hidden_size=32, num_heads=2)
     c.train.update(steps=10, batch_size=8, warmup_steps=0, log_every=5)
     c.sample.update(method='euler', num_steps=5, batch_size=10)
     c.eval.num_samples = 20
     c.checkpoint.every_steps = 10
     c.mini_repro.update(floor_samples=10, classifier_steps=20)
-  elif arg:
-    raise ValueError(f'unknown config argument {arg!r}; use "quick" or none')
+  if arg == 'converged_quick':
+    c.train.log_every = 2
+    c.mini_repro.update(plateau_every=5, max_steps=15, patience=1, plateau_samples=20)
+  if arg not in (None, 'quick', 'converged', 'converged_quick'):
+    raise ValueError(f'unknown config argument {arg!r}; use "quick", "converged", '
+                     '"converged_quick" or none')
   return c

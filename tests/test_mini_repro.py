@@ -1,5 +1,6 @@
-"""The mini reproduction (mini_repro.py) end to end with configs/mini_repro.py:quick: three models
-trained and fine-tuned from SiT, sampled side by side, scored and tabulated."""
+"""The mini reproduction (mini_repro.py) end to end with configs/mini_repro.py:quick (three models
+trained and fine-tuned from SiT, sampled side by side, scored and tabulated) and :converged_quick
+(the SiT's plateau loop, two seeds, two fine-tuning fractions, the initialised PPFs)."""
 
 from __future__ import annotations
 
@@ -24,16 +25,19 @@ def test_quick_run(tmp_path):
   with open(os.path.join(workdir, 'results.json')) as f:
     assert json.load(f)['rows'] == json.loads(json.dumps(result['rows']))
 
-  rows = {r['stages'] if r['train_steps'] else 0: r for r in result['rows']}
-  assert sorted(rows) == [0, 1, 2, 3]
+  # one SiT, its untrained floor, and per PPF the initialised and the fine-tuned model
+  rows = {(r['stages'] if r['train_steps'] else 0, r['finetune_steps']): r for r in result['rows']}
   sit_steps = config.train.steps
-  assert result['finetune_steps'] == mini_repro.finetune_steps(config) == max(1, sit_steps // 10)
-  assert rows[1]['train_steps'] == sit_steps
-  assert rows[2]['train_steps'] == rows[3]['train_steps'] == sit_steps + result['finetune_steps']
+  ft = max(1, sit_steps // 10)
+  assert result['finetune_steps'] == [mini_repro.finetune_steps(sit_steps, 0.1)] == [ft]
+  assert sorted(rows) == [(0, 0), (1, 0), (2, 0), (2, ft), (3, 0), (3, ft)]
+  rows.update({k: rows[k, ft if k > 1 else 0] for k in (0, 1, 2, 3)})  # by stages, fine-tuned
+  assert rows[1]['train_steps'] == rows[2, 0]['train_steps'] == sit_steps
+  assert rows[2]['train_steps'] == rows[3]['train_steps'] == sit_steps + ft
   # FLOPs: SiT is the reference; PPF-3 is cheaper than PPF-2, both recomputed independently.
   assert rows[1]['flops_ratio'] == 1.0 and rows[1]['speedup'] == 1.0
   for k in (2, 3):
-    cfg = mini_repro.make_config(config, k, finetune=True)
+    cfg = mini_repro.make_config(config, k, finetune_steps=ft)
     assert rows[k]['flops_ratio'] == flops.testing_flops_ratio(
         cfg, sampling.SamplerSpec.from_config(cfg))
     assert sum(rows[k]['evaluations']) == config.sample.num_steps - 1  # Euler: one per step
@@ -42,16 +46,17 @@ def test_quick_run(tmp_path):
     assert rows[k]['seconds_per_batch'] > 0 and np.isfinite(rows[k]['fid'])
     assert 0 <= rows[k]['precision'] <= 1 and 0 <= rows[k]['recall'] <= 1
   table = open(os.path.join(workdir, 'results.md')).read()
-  assert table.count('| PPF-') == 2 and '| SiT (2x2) |' in table
+  assert table.count('| PPF-') == 4 and '| SiT (2x2) |' in table
+  assert f'| {sit_steps} + 0 |' in table and f'| {sit_steps} + {ft} |' in table
 
   # The fine-tunes started from the paper's initialisation of the SiT's EMA weights: the
   # transformer blocks of the saved init equal the SiT's.
-  sit_cfg = mini_repro.make_config(config, 1, finetune=False)
-  ppf_cfg = mini_repro.make_config(config, 2, finetune=True)
+  sit_cfg = mini_repro.make_config(config, 1)
+  ppf_cfg = mini_repro.make_config(config, 2, finetune_steps=ft)
   from ppflow_jax import sharding  # pylint: disable=g-import-not-at-top
   sit = checkpoint.restore_for_inference(os.path.join(workdir, 'sit'), sit_cfg,
                                          sharding.make_mesh(sit_cfg))
-  init = checkpoint.load_params(os.path.join(workdir, 'ppf2_init'), ppf_cfg,
+  init = checkpoint.load_params(os.path.join(workdir, 'ppf2_init_s0'), ppf_cfg,
                                 sharding.make_mesh(ppf_cfg))
   sit_flat = traverse_util.flatten_dict(sit.ema)
   init_flat = traverse_util.flatten_dict(init)
@@ -60,3 +65,49 @@ def test_quick_run(tmp_path):
   for p in blocks:
     np.testing.assert_array_equal(np.asarray(init_flat[p]), np.asarray(sit_flat[p]))
   assert int(sit.step) == sit_steps
+
+
+@pytest.mark.slow  # ~3-5 min of CPU time: 3 SiT chunks, 8 fine-tunes, 14 models sampled.
+def test_converged_quick_run(tmp_path):
+  workdir = str(tmp_path)
+  config = config_lib.load_config('mini_repro:converged_quick')
+  mr = config.mini_repro
+  result = mini_repro.run(workdir, config)
+
+  # The plateau history: one check per chunk of plateau_every steps, finite, persisted, and the
+  # loop stopped at a plateau or at max_steps.
+  history = result['plateau']
+  steps = [h['step'] for h in history]
+  assert steps == list(range(mr.plateau_every, steps[-1] + 1, mr.plateau_every))
+  assert all(np.isfinite(h['loss']) and np.isfinite(h['fid']) for h in history)
+  with open(os.path.join(workdir, 'sit', mini_repro.PLATEAU)) as f:
+    assert json.load(f) == history
+  reached = mini_repro.plateaued(history, mr.patience, mr.plateau_tol)
+  assert reached or steps[-1] == mr.max_steps
+  assert not any(mini_repro.plateaued(history[:i], mr.patience, mr.plateau_tol)
+                 for i in range(1, len(history)))  # it stopped at the first plateau
+  sit_steps = result['sit_steps']
+  assert sit_steps == steps[-1]
+
+  # Rows: per seed, per PPF the initialised model and both fine-tuning fractions.
+  fts = [mini_repro.finetune_steps(sit_steps, f) for f in mr.finetune_fractions]
+  assert result['finetune_steps'] == fts and len(set(fts)) == 2
+  got = {(r['stages'], r['finetune_steps'], r['seed']) for r in result['rows'] if r['train_steps']}
+  want = {(1, 0, config.seed)} | {(k, ft, seed) for k in (2, 3) for ft in [0] + fts
+                                   for seed in mr.seeds}
+  assert got == want
+  for r in result['rows']:
+    if r['train_steps']:
+      assert r['train_steps'] == sit_steps + r['finetune_steps']
+      for key in ('fid', 'precision', 'recall', 'seconds_per_batch', 'fid_floor_n'):
+        assert np.isfinite(r[key]), (r['model'], key)
+  # The seeds differ: two fine-tunes of the same budget do not give the same weights or FID.
+  ppf2 = [r['fid'] for r in result['rows'] if r['stages'] == 2 and r['finetune_steps'] == fts[1]]
+  assert len(ppf2) == 2 and ppf2[0] != ppf2[1]
+
+  table = open(os.path.join(workdir, 'results.md')).read()
+  for ft in [0] + fts:
+    assert table.count(f'| {sit_steps} + {ft} |') == 2  # PPF-2 and PPF-3, seeds aggregated
+  assert ' ± ' in table and '| SiT step |' in table
+  for h in history:
+    assert f'| {h["step"]} | {h["loss"]:.4f} | {h["fid"]:.2f} |' in table

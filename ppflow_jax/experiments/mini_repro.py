@@ -1,22 +1,27 @@
-"""The paper's claim in miniature on Fashion-MNIST (32x32x1), on a CPU in under an hour.
+"""The paper's claim in miniature on Fashion-MNIST (32x32x1), on a CPU.
 
   python -m ppflow_jax.experiments.mini_repro --workdir=/tmp/mini_repro  # full run, ~25 min
   python -m ppflow_jax.experiments.mini_repro --workdir=/tmp/mini_quick \
       --config=mini_repro:quick                                        # smoke test, 1-2 min
+  python -m ppflow_jax.experiments.mini_repro --workdir=/tmp/mini_converged \
+      --config=mini_repro:converged                     # SiT to its plateau: hours, resumable
 
 The recipe is configs/mini_repro.py (`--config.train.steps=4000`, ... override it): paper §3.3 /
-§4, shrunk. Train a SiT baseline (one stage, 2x2 patches) for N steps; initialise PPF-2 (4x4 |
-2x2, boundary 0.5) and PPF-3 (4x4 | 2x4 | 2x2, boundaries 0.5 / 0.75) from its EMA weights with
-the paper's initialisation (convert/init_from_sit.py) and fine-tune each for 10% of N. Then all
-three (and, as a floor, the untrained SiT) sample the same noise and labels with the same
-sampler, batch by batch and interleaved, so the measured sampling times share the machine's
-load; the first batch (compilation) is not timed and the median over the other batches is
-reported. Quality is FID / precision / recall in the feature space of the Fashion-MNIST
+§4, shrunk. Train a SiT baseline (one stage, 2x2 patches) for N steps, or (mini_repro.plateau_every
+> 0) in chunks until its loss and FID plateau; then, for each seed of mini_repro.seeds, initialise
+PPF-2 (4x4 | 2x2, boundary 0.5) and PPF-3 (4x4 | 2x4 | 2x2, boundaries 0.5 / 0.75) from its EMA
+weights with the paper's initialisation (convert/init_from_sit.py) and fine-tune each for every
+fraction of N in mini_repro.finetune_fractions; the initialised PPFs before fine-tuning are rows
+too. Then all models (and, as a floor, the untrained SiT) sample the same noise and labels with
+the same sampler, batch by batch and interleaved, so the measured sampling times share the
+machine's load; the first batch (compilation) is not timed and the median over the other batches
+is reported. Quality is FID / precision / recall in the feature space of the Fashion-MNIST
 classifier (evaluation/fmnist_features.py) against the 10k test images, next to the analytic
 testing-FLOPs ratio (flops.py).
 
-Writes to --workdir: sit/, ppf2/, ppf3/ (training workdirs; a rerun resumes), results.json,
-results.md, fid_vs_time.png and samples.png.
+Writes to --workdir: sit/ (with plateau.json in the converged mode), ppf{2,3}_init_s<seed>/,
+ppf{2,3}_ft<steps>_s<seed>/ (training workdirs; a rerun resumes), results.json, results.md,
+fid_vs_time.png and samples.png.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import copy
 import json
 import os
 import time
+import typing
 
 import jax
 import ml_collections
@@ -44,6 +50,8 @@ from ppflow_jax import loop
 from ppflow_jax import paths
 from ppflow_jax import report
 from ppflow_jax import sampling
+from ppflow_jax import sharding
+from ppflow_jax import summary
 from ppflow_jax.convert import init_from_sit
 from ppflow_jax.evaluation import fmnist_features
 from ppflow_jax.evaluation import sample as sample_lib
@@ -54,77 +62,173 @@ from ppflow_jax.evaluation import sample as sample_lib
 MODELS = {config_lib.model_label(name, patches=True): stages
           for name, (_, stages) in config_lib.PAPER_MODELS.items()}
 _DIRS = {stages: name for name, (_, stages) in config_lib.PAPER_MODELS.items()}
+PLATEAU = 'plateau.json'  # the SiT workdir's plateau history: [{step, loss, fid}]
+PLATEAU_SEED = 4321       # sampling noise of the plateau checks (not the results' 1234)
 
 
-def finetune_steps(config: ml_collections.ConfigDict) -> int:
-  """PPF fine-tuning steps: config.mini_repro.finetune_fraction of the SiT's config.train.steps."""
-  return max(1, int(config.train.steps * config.mini_repro.finetune_fraction))
+class Key(typing.NamedTuple):
+  """One model of the experiment: `stages` (0: the untrained SiT), its fine-tuning steps after
+  the SiT's (0: the SiT, or a PPF right after its initialisation) and its training seed."""
+  stages: int
+  finetune_steps: int
+  seed: int
 
 
-def make_config(config: ml_collections.ConfigDict, num_stages: int,
-                finetune: bool) -> ml_collections.ConfigDict:
+def finetune_steps(sit_steps: int, fraction: float) -> int:
+  """PPF fine-tuning steps: `fraction` of the SiT's `sit_steps` (at least one)."""
+  return max(1, int(sit_steps * fraction))
+
+
+def make_config(config: ml_collections.ConfigDict, num_stages: int, *, finetune_steps: int = 0,
+                seed: int | None = None) -> ml_collections.ConfigDict:
   """The mini reproduction's `config` (configs/mini_repro.py, the SiT's) with the paper's
-  `num_stages` schedule, no guidance, and with `finetune` the PPF fine-tuning fields; resolved."""
+  `num_stages` schedule, no guidance, and with `finetune_steps` > 0 the PPF fine-tuning fields;
+  `seed` (default config.seed) drives data order, noise and the fresh level embedding. Resolved."""
   c = copy.deepcopy(config)
   # No guidance: every stage's scale is 1.0 (one pass), so all models pay the same per step.
   config_lib.set_schedule(c, num_stages, (1.0,) * num_stages)
-  if finetune:
-    steps = finetune_steps(config)
-    c.train.update(steps=steps, ema_decay=config.mini_repro.finetune_ema_decay,
-                   warmup_steps=steps // 4)
+  if finetune_steps:
+    c.train.update(steps=finetune_steps, ema_decay=config.mini_repro.finetune_ema_decay,
+                   warmup_steps=finetune_steps // 4)
+  if seed is not None:
+    c.seed = seed
   return config_lib.resolve(c)
 
 
-def train_models(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """SiT for sit_steps, then PPF-2/3 from its EMA for finetune_steps -> {stages: Inference of
-  the EMA weights}, plus {0: ...} for the untrained SiT. Finished runs are reloaded, not redone."""
+def check_recipe(config: ml_collections.ConfigDict) -> None:
+  """One line per bad config.mini_repro field (before anything trains)."""
+  mr = config.mini_repro
+  if not mr.seeds or not mr.finetune_fractions:
+    raise errors.UserError('config.mini_repro.seeds and .finetune_fractions must each name at '
+                           'least one value, e.g. --config.mini_repro.seeds="(0, 1)"')
+  if any(not 0 < f for f in mr.finetune_fractions):
+    raise errors.UserError(f'config.mini_repro.finetune_fractions={tuple(mr.finetune_fractions)}'
+                           ' must be > 0 (the init-only rows are always added)')
+  if mr.plateau_every and (mr.max_steps < mr.plateau_every or mr.patience < 1):
+    raise errors.UserError(
+        f'config.mini_repro: max_steps={mr.max_steps} must be >= plateau_every='
+        f'{mr.plateau_every} and patience={mr.patience} >= 1 (or plateau_every=0: train '
+        'config.train.steps with no plateau loop)')
+
+
+def train_models(config: ml_collections.ConfigDict, workdir: str,
+                 evaluator: fmnist_features.FMNISTEvaluator) -> tuple[dict, dict, list]:
+  """The SiT (for config.train.steps, or until its plateau with config.mini_repro.plateau_every),
+  then per seed and fine-tuning fraction PPF-2/3 from its EMA -> ({Key: Inference of the EMA
+  weights}, {phase: seconds}, plateau history). The untrained SiT and the initialised PPFs (no
+  fine-tuning) are rows too. Finished runs are reloaded, not redone."""
+  mr = config.mini_repro
   models, seconds = {}, {}
   t0 = time.time()
-  sit_cfg = make_config(config, 1, finetune=False)
-  trainer, state = loop.train_and_evaluate(sit_cfg, paths.join(workdir, _DIRS[1]))
-  models[1] = inference.Inference.from_trainer(trainer, state.ema, step=state.step)
-  models[0] = inference.Inference.from_trainer(trainer, trainer.init_state().ema)
+  trainer, state, history = train_sit(config, paths.join(workdir, _DIRS[1]), evaluator)
+  sit_steps = int(jax.device_get(state.step))
+  models[Key(1, 0, config.seed)] = inference.Inference.from_trainer(trainer, state.ema,
+                                                                    step=sit_steps)
+  models[Key(0, 0, config.seed)] = inference.Inference.from_trainer(trainer,
+                                                                    trainer.init_state().ema)
   seconds['sit'] = time.time() - t0
   sit_ema = jax.device_get(state.ema)
-  for stages in (2, 3):
-    t0 = time.time()
-    cfg = make_config(config, stages, finetune=True)
-    init_dir = paths.join(workdir, f'{_DIRS[stages]}_init')
-    if not paths.isdir(paths.join(init_dir, checkpoint.PARAMS_DIR)):
-      checkpoint.save_params(init_dir, init_from_sit(sit_ema, cfg), cfg)
-    cfg.train.init_from = init_dir
-    trainer, state = loop.train_and_evaluate(cfg, paths.join(workdir, _DIRS[stages]))
-    models[stages] = inference.Inference.from_trainer(trainer, state.ema, step=state.step)
-    seconds[_DIRS[stages]] = time.time() - t0
-  return models, seconds
+  for seed in mr.seeds:
+    for stages in (2, 3):
+      cfg = make_config(config, stages, seed=seed)
+      init_dir = paths.join(workdir, f'{_DIRS[stages]}_init_s{seed}')
+      if not paths.isdir(paths.join(init_dir, checkpoint.PARAMS_DIR)):
+        checkpoint.save_params(init_dir, init_from_sit(sit_ema, cfg), cfg)
+      models[Key(stages, 0, seed)] = inference.Inference.from_params(
+          cfg, checkpoint.load_params(init_dir, cfg, sharding.make_mesh(cfg)), step=sit_steps)
+      for fraction in mr.finetune_fractions:
+        t0 = time.time()
+        steps = finetune_steps(sit_steps, fraction)
+        cfg = make_config(config, stages, finetune_steps=steps, seed=seed)
+        cfg.train.init_from = init_dir
+        name = f'{_DIRS[stages]}_ft{steps}_s{seed}'
+        trainer, state = loop.train_and_evaluate(cfg, paths.join(workdir, name))
+        models[Key(stages, steps, seed)] = inference.Inference.from_trainer(
+            trainer, state.ema, step=sit_steps + steps)
+        seconds[name] = time.time() - t0
+  return models, seconds, history
+
+
+def train_sit(config: ml_collections.ConfigDict, workdir: str,
+              evaluator: fmnist_features.FMNISTEvaluator) -> tuple:
+  """The SiT baseline -> (trainer, state, plateau history). Without config.mini_repro.plateau_every
+  it trains config.train.steps. With it, it trains in chunks of plateau_every steps up to
+  max_steps; after each chunk the EMA's FID on plateau_samples images and the chunk's mean
+  training loss (metrics.jsonl) are appended to workdir/plateau.json (a rerun resumes from it),
+  and training stops once neither improved over the last `patience` chunks (`plateaued`)."""
+  mr = config.mini_repro
+  if not mr.plateau_every:
+    return (*loop.train_and_evaluate(make_config(config, 1), workdir), [])
+  record = paths.join(workdir, PLATEAU)
+  history = json.loads(paths.read_text(record)) if paths.exists(record) else []
+  while True:
+    done = history[-1]['step'] if history else 0
+    stop = done >= mr.max_steps or plateaued(history, mr.patience, mr.plateau_tol)
+    cfg = make_config(config, 1)
+    cfg.train.steps = done if stop else min(done + mr.plateau_every, mr.max_steps)
+    trainer, state = loop.train_and_evaluate(cfg, workdir)  # at `done`: reloads the checkpoint
+    if stop:
+      return trainer, state, history
+    model = inference.Inference.from_trainer(trainer, state.ema, step=state.step)
+    labels = (np.arange(mr.plateau_samples) % 10).astype(np.int32)
+    images = np.clip(np.asarray(model.generate(labels, seed=PLATEAU_SEED)), -1.0, 1.0)
+    history.append(dict(step=cfg.train.steps, loss=chunk_loss(workdir, done, cfg.train.steps),
+                        fid=evaluator.score(images, labels)['fid']))
+    logging.info('plateau check at step %d: %s', cfg.train.steps, history[-1])
+    paths.write_text(record, json.dumps(history, indent=2))
+
+
+def chunk_loss(workdir: str, start: int, end: int) -> float:
+  """Mean training loss of the metrics.jsonl records with start < step <= end."""
+  lines = paths.read_text(paths.join(workdir, summary.METRICS)).splitlines()
+  losses = [r['loss'] for r in map(json.loads, filter(None, lines)) if start < r['step'] <= end]
+  if not losses:
+    raise errors.UserError(f'{workdir}/{summary.METRICS} has no loss between steps {start} and '
+                           f'{end}; lower config.train.log_every below mini_repro.plateau_every')
+  return float(np.mean(losses))
+
+
+def plateaued(history: list[dict], patience: int, tol: float) -> bool:
+  """True when neither the loss nor the FID of the last `patience` chunks improved on the best
+  before them by more than the relative tolerance `tol`."""
+  if len(history) <= patience:
+    return False
+  before, recent = history[:-patience], history[-patience:]
+  def improved(key):
+    best = min(h[key] for h in before)
+    return best - min(h[key] for h in recent) > tol * abs(best)
+  return not (improved('loss') or improved('fid'))
 
 
 def sample_interleaved(config: ml_collections.ConfigDict, models: dict,
                        seed: int) -> tuple[dict, dict, np.ndarray]:
   """Samples config.eval.num_samples images per model, batch by batch in turn (same noise and
-  labels for all) -> ({stages: images (N, 32, 32, 1) in [-1, 1]}, {stages: [seconds per timed
-  batch]}, labels (N,)). Label i = i mod 10, so every prefix is class-balanced."""
+  labels for all; the untrained SiT only config.mini_repro.floor_samples) -> ({Key: images
+  (N, 32, 32, 1) in [-1, 1]}, {Key: [seconds per timed batch]}, labels (N,)). Label i = i mod 10,
+  so every prefix is class-balanced."""
   n, bs = config.eval.num_samples, config.sample.batch_size
   if n % bs or n // bs < 2:
     raise errors.UserError(f'config.eval.num_samples={n} must be a multiple (>= 2x) of '
                            f'config.sample.batch_size={bs}: the first batch compiles and is not '
                            'timed')
   labels = (np.arange(n) % 10).astype(np.int32)
-  # the untrained SiT shares the SiT's compiled programs
-  samplers = {k: model.sampler() for k, model in models.items() if k != 0}
-  samplers[0] = samplers[1]
+  # One compiled sampler per schedule (it takes the params as an argument); the untrained SiT
+  # uses the SiT's.
+  samplers = {}
+  for k, model in models.items():
+    samplers.setdefault(max(k.stages, 1), model.sampler())
   outs = {k: [] for k in models}
   times = {k: [] for k in models}
   for b in range(n // bs):
     idx = np.arange(b * bs, (b + 1) * bs)
     for k, model in models.items():
-      if k == 0 and b * bs >= config.mini_repro.floor_samples:
+      if k.stages == 0 and b * bs >= config.mini_repro.floor_samples:
         continue
       noise, keys = sampling.index_noise(model.latent_shape, idx, seed)
       y = jax.numpy.asarray(labels[idx])
       jax.block_until_ready((noise, keys, y))
       t0 = time.perf_counter()
-      x = jax.block_until_ready(samplers[k].sample(model.params, noise, y, keys))
+      x = jax.block_until_ready(samplers[max(k.stages, 1)].sample(model.params, noise, y, keys))
       if b:  # batch 0 compiles
         times[k].append(time.perf_counter() - t0)
       outs[k].append(np.asarray(x))
@@ -132,25 +236,21 @@ def sample_interleaved(config: ml_collections.ConfigDict, models: dict,
   return {k: np.concatenate(v) for k, v in outs.items()}, times, labels
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, models: dict,
-             seconds: dict) -> dict:
+def evaluate(config: ml_collections.ConfigDict, workdir: str, models: dict, seconds: dict,
+             evaluator: fmnist_features.FMNISTEvaluator) -> dict:
   """Samples, scores and times every model -> the results dict (also written as JSON)."""
-  mr = config.mini_repro
-  evaluator = fmnist_features.FMNISTEvaluator(
-      paths.join(workdir, 'fmnist_classifier'),
-      train_steps=mr.classifier_steps or fmnist_features.DEFAULT_TRAIN_STEPS)
   t0 = time.time()
   images, times, labels = sample_interleaved(config, models, seed=1234)
   seconds['sampling'] = time.time() - t0
-  nf = mr.floor_samples
-  sit_steps, ft_steps = config.train.steps, finetune_steps(config)
+  nf = config.mini_repro.floor_samples
+  sit_steps = models[Key(1, 0, config.seed)].step
   rows = []
   for k, model in models.items():
     x = np.clip(images[k], -1.0, 1.0)
-    row = dict(model='untrained SiT' if k == 0 else list(MODELS)[k - 1], stages=max(k, 1),
-               train_steps=0 if k == 0 else (sit_steps if k == 1 else sit_steps + ft_steps),
-               fid_floor_n=evaluator.score(x[:nf], labels[:nf])['fid'])
-    if k:
+    row = dict(model='untrained SiT' if k.stages == 0 else list(MODELS)[k.stages - 1],
+               stages=max(k.stages, 1), train_steps=model.step, finetune_steps=k.finetune_steps,
+               seed=k.seed, fid_floor_n=evaluator.score(x[:nf], labels[:nf])['fid'])
+    if k.stages:
       scores = evaluator.score(x, labels[:len(x)])
       spec = model.sampler().spec
       row.update(fid=scores['fid'], precision=scores['precision'], recall=scores['recall'],
@@ -163,9 +263,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, models: dict,
   for r in rows:
     if 'seconds_per_batch' in r:
       r['speedup'] = base['seconds_per_batch'] / r['seconds_per_batch']
-  cfg = models[1].config
+  cfg = models[Key(1, 0, config.seed)].config
+  mr = config.mini_repro
   result = dict(
-      rows=rows, config=config.to_dict(), finetune_steps=ft_steps, floor_samples=nf,
+      rows=rows, config=config.to_dict(), sit_steps=sit_steps,
+      finetune_steps=[finetune_steps(sit_steps, f) for f in mr.finetune_fractions],
+      seeds=list(mr.seeds), floor_samples=nf,
       sampler=f'{cfg.sample.method}, {cfg.sample.num_steps} grid points, no guidance',
       num_samples=config.eval.num_samples, sample_batch=config.sample.batch_size,
       classifier_test_accuracy=evaluator.test_accuracy, phase_seconds=seconds,
@@ -177,8 +280,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, models: dict,
   return result
 
 
+def _cell(rows: list[dict], key: str, fmt: str) -> str:
+  """One table cell: the value, or over several seeds 'mean ± half the range'."""
+  values = [r[key] for r in rows]
+  if len(values) == 1:
+    return format(values[0], fmt)
+  return f'{format(np.mean(values), fmt)} ± {format((max(values) - min(values)) / 2, fmt)}'
+
+
 def markdown(result: dict) -> str:
-  """The results table (Markdown)."""
+  """The results table (Markdown): one line per model and training budget (over seeds: mean ±
+  half the range), then the SiT's plateau history if it has one."""
   timed = next(r['timed_batches'] for r in result['rows'] if 'timed_batches' in r)
   # Results written before configs/mini_repro.py (docs/mini_repro_*.json) keep it in 'recipe'.
   floor = result.get('floor_samples') or result['recipe']['floor_samples']
@@ -191,19 +303,35 @@ def markdown(result: dict) -> str:
       f' speed-up | testing FLOPs | FID@{floor} |',
       '|---|---|---|---|---|---|---|---|---|']
   sit_steps = min(r['train_steps'] for r in result['rows'] if r['train_steps'])  # the SiT's
+  groups = {}  # (model, train steps, fine-tuning steps) -> its rows over seeds, in row order
   for r in result['rows']:
-    model = r['model'].replace('|', '\\|')  # a literal bar inside a Markdown cell
-    if 'fid' in r:
-      steps = (f'{sit_steps} + {r["train_steps"] - sit_steps}' if r['train_steps'] > sit_steps
-               else str(r['train_steps']))  # fine-tunes: the SiT's steps + their own
-      lines.append(f'| {model} | {steps} | {r["fid"]:.2f} | {r["precision"]:.3f}'
-                   f' | {r["recall"]:.3f} | {r["seconds_per_batch"]:.2f} | {r["speedup"]:.2f}x |'
-                   f' {100 * r["flops_ratio"]:.1f}% | {r["fid_floor_n"]:.2f} |')
-    else:
-      lines.append(f'| {model} | 0 | | | | | | | {r["fid_floor_n"]:.2f} |')
+    groups.setdefault((r['model'], r['train_steps'], r.get('finetune_steps')), []).append(r)
+  for (name, train_steps, ft), rows in groups.items():
+    model = name.replace('|', '\\|')  # a literal bar inside a Markdown cell
+    floor_fid = _cell(rows, 'fid_floor_n', '.2f')
+    if 'fid' not in rows[0]:
+      lines.append(f'| {model} | 0 | | | | | | | {floor_fid} |')
+      continue
+    # fine-tunes: the SiT's steps + their own (+ 0: the initialised PPF)
+    steps = (f'{sit_steps} + {train_steps - sit_steps}'
+             if train_steps > sit_steps or (ft is not None and rows[0]['stages'] > 1)
+             else str(train_steps))
+    lines.append(f'| {model} | {steps} | {_cell(rows, "fid", ".2f")} | '
+                 f'{_cell(rows, "precision", ".3f")} | {_cell(rows, "recall", ".3f")} | '
+                 f'{_cell(rows, "seconds_per_batch", ".2f")} | {_cell(rows, "speedup", ".2f")}x |'
+                 f' {100 * rows[0]["flops_ratio"]:.1f}% | {floor_fid} |')
   lines += ['', f'FID / precision / recall: Fashion-MNIST classifier features (test accuracy '
             f'{result["classifier_test_accuracy"]:.3f}) vs the 10k test images; not Inception FID. '
             f'FID@{floor}: the first {floor} samples only (for the untrained floor).', '']
+  if len(result.get('seeds', ())) > 1:
+    lines += [f'PPF rows: mean ± half the range over the fine-tuning seeds {result["seeds"]} '
+              '(data order, training noise, fresh level embedding); "+ 0" is the initialised '
+              'PPF before any fine-tuning. The SiT and the sampling noise are shared.', '']
+  if result.get('plateau'):
+    lines += ['| SiT step | mean training loss of the chunk | FID (EMA) |', '|---|---|---|']
+    lines += [f'| {h["step"]} | {h["loss"]:.4f} | {h["fid"]:.2f} |' for h in result['plateau']]
+    lines += ['', f'SiT plateau check every {result["plateau_every"]} steps: '
+              f'{result["plateau_stop"]}.', '']
   return '\n'.join(lines)
 
 
@@ -216,7 +344,8 @@ def plot(result: dict, path: str) -> None:
   for r in result['rows']:
     if 'fid' in r:
       ax.scatter(r['seconds_per_batch'], r['fid'], s=40)
-      ax.annotate(f'{r["model"].split(" ")[0]} ({100 * r["flops_ratio"]:.0f}% FLOPs)',
+      ft = f' +{r["finetune_steps"]}' if r.get('finetune_steps') is not None and r['stages'] > 1 else ''
+      ax.annotate(f'{r["model"].split(" ")[0]}{ft} ({100 * r["flops_ratio"]:.0f}% FLOPs)',
                   (r['seconds_per_batch'], r['fid']), textcoords='offset points', xytext=(5, 5),
                   fontsize=8)
   ax.set_xlabel(f'sampling seconds per batch of {result["sample_batch"]}')
@@ -228,12 +357,23 @@ def plot(result: dict, path: str) -> None:
 
 
 def run(workdir: str, config: ml_collections.ConfigDict) -> dict:
-  """Trains, samples and scores the three models of `config` (configs/mini_repro.py); writes
+  """Trains, samples and scores the models of `config` (configs/mini_repro.py); writes
   results.{json,md} and the plots."""
+  check_recipe(config)
   paths.makedirs(workdir)
   start = time.time()
-  models, seconds = train_models(config, workdir)
-  result = evaluate(config, workdir, models, seconds)
+  mr = config.mini_repro
+  evaluator = fmnist_features.FMNISTEvaluator(
+      paths.join(workdir, 'fmnist_classifier'),
+      train_steps=mr.classifier_steps or fmnist_features.DEFAULT_TRAIN_STEPS)
+  models, seconds, history = train_models(config, workdir, evaluator)
+  result = evaluate(config, workdir, models, seconds, evaluator)
+  if mr.plateau_every:
+    reached = plateaued(history, mr.patience, mr.plateau_tol)
+    result.update(plateau=history, plateau_every=mr.plateau_every, plateau_stop=(
+        f'loss and FID did not improve by more than {100 * mr.plateau_tol:g}% over the last '
+        f'{mr.patience} checks' if reached else f'max_steps={mr.max_steps} reached before a '
+        'plateau'))
   result['total_seconds'] = time.time() - start
   write_results(result, workdir)
   return result
@@ -260,7 +400,7 @@ def define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'Where models, samples and results go.')
   config_flags.DEFINE_config_file(
       'config', config_lib.find_config('mini_repro'), 'The recipe: configs/mini_repro.py (full '
-      'run) or mini_repro:quick (1-2 min smoke test); overrides with --config.x=y.',
+      'run), mini_repro:quick (1-2 min smoke test), mini_repro:converged (SiT to its plateau); overrides with --config.x=y.',
       lock_config=True)
   flags.mark_flag_as_required('workdir')
 
