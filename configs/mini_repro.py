@@ -55,7 +55,7 @@ def get_config(arg=None):
     c.mini_repro.update(floor_samples=10, classifier_steps=20)
   if arg == 'converged_quick':
     c.train.log_every = 2
-    c.mini_repro.update(plateau_every=5, max_steps=15, patience=1, plateau_samples=20)
+    c.mini_repro.update(plateau_every=5, max_steps=10, patience=1, plateau_samples=20)
   if arg not in (None, 'quick', 'converged', 'converged_quick'):
     raise ValueError(f'unknown config argument {arg!r}; use "quick", "converged", '
                      '"converged_quick" or none')

@@ -67,7 +67,7 @@ def test_quick_run(tmp_path):
   assert int(sit.step) == sit_steps
 
 
-@pytest.mark.slow  # ~3-5 min of CPU time: 3 SiT chunks, 8 fine-tunes, 14 models sampled.
+@pytest.mark.slow  # ~4 min of CPU time (8 min when shared): 2 SiT chunks, 8 fine-tunes, 14 models.
 def test_converged_quick_run(tmp_path):
   workdir = str(tmp_path)
   config = config_lib.load_config('mini_repro:converged_quick')
