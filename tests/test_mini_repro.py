@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from ppflow_jax import checkpoint, config_lib, flops, sampling
+from ppflow_jax import checkpoint, config_lib, errors, flops, sampling
 from ppflow_jax.experiments import mini_repro
 
 
@@ -111,3 +112,44 @@ def test_converged_quick_run(tmp_path):
   assert ' ± ' in table and '| SiT step |' in table
   for h in history:
     assert f'| {h["step"]} | {h["loss"]:.4f} | {h["fid"]:.2f} |' in table
+
+
+def test_plateaued_needs_patience_checks_without_relative_improvement():
+  h = [dict(loss=1.0, fid=100.0), dict(loss=0.995, fid=99.0)]  # < 2% better: flat
+  assert not mini_repro.plateaued(h[:1], patience=1, tol=0.02)  # nothing to compare with yet
+  assert mini_repro.plateaued(h, patience=1, tol=0.02)
+  assert not mini_repro.plateaued(h, patience=1, tol=0.001)
+  h2 = h + [dict(loss=0.99, fid=80.0)]  # the FID still improves: not a plateau
+  assert not mini_repro.plateaued(h2, patience=1, tol=0.02)
+  assert not mini_repro.plateaued(h2, patience=2, tol=0.02)
+
+
+@pytest.mark.parametrize('field,value,says', [
+    ('seeds', (), 'seeds and .finetune_fractions'),
+    ('finetune_fractions', (0.0,), 'must be > 0'),
+    ('max_steps', 3, 'max_steps=3 must be >= plateau_every=5'),
+])
+def test_bad_recipe_one_line(field, value, says):
+  config = config_lib.load_config('mini_repro:converged_quick')
+  config.mini_repro[field] = value
+  with pytest.raises(errors.UserError, match=re.escape(says)):
+    mini_repro.check_recipe(config)
+
+
+def test_markdown_aggregates_seeds_and_lists_the_plateau():
+  def row(model, stages, ft, seed, fid):
+    return dict(model=model, stages=stages, train_steps=100 + ft, finetune_steps=ft, seed=seed,
+                fid_floor_n=fid, fid=fid, precision=0.5, recall=0.25, seconds_per_batch=2.0,
+                speedup=1.0, flops_ratio=0.5, timed_batches=2)
+  rows = [row('SiT (2x2)', 1, 0, 0, 10.0)]
+  rows += [row('PPF-2 (4x4 | 2x2)', 2, ft, seed, 20.0 + ft + 2 * seed)
+           for seed in (0, 1) for ft in (0, 10)]
+  result = dict(rows=rows, sampler='euler', num_samples=20, sample_batch=10, device='cpu',
+                floor_samples=10, classifier_test_accuracy=0.9, seeds=[0, 1],
+                plateau=[dict(step=50, loss=0.5, fid=12.0), dict(step=100, loss=0.49, fid=11.9)],
+                plateau_every=50, plateau_stop='max_steps=100 reached before a plateau')
+  table = mini_repro.markdown(result)
+  assert '| PPF-2 (4x4 \\| 2x2) | 100 + 0 | 21.00 ± 1.00 |' in table
+  assert '| PPF-2 (4x4 \\| 2x2) | 100 + 10 | 31.00 ± 1.00 |' in table
+  assert '| SiT (2x2) | 100 | 10.00 |' in table
+  assert '| 50 | 0.5000 | 12.00 |' in table and 'max_steps=100 reached' in table
