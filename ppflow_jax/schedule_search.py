@@ -353,17 +353,22 @@ def search(model: inference.Inference, heldout: tuple[np.ndarray, np.ndarray],
       cpu_count=os.cpu_count())
 
 
+def _count(n: int, noun: str) -> str:
+  return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def markdown(result: dict) -> str:
   """The search's budgets and its confirmed schedules as Markdown (the docs table, rendered by
   `python -m ppflow_jax.tables`)."""
   rows = result['confirmed']
   first = next(iter(rows.values()))
   chosen = {b['chosen'] for b in result['budgets']}
-  lines = [f"Regime `{result['regime']}`: {result['restriction']}; {result['num_candidates']} "
-           'candidates.'] + [
+  cell = lambda name: name.replace('|', '\\|')  # patch labels hold '|'
+  lines = [f"Regime `{result['regime']}`: {result['restriction']}; "
+           f"{_count(result['num_candidates'], 'candidate')}."] + [
       f"Budget {b['arg']} = {b['ratio']:.3f} of the finest-patch Testing FLOPs: "
-      f"{b['num_within_budget']} candidates within it; chosen by {result['chosen_by']}: "
-      f"{b['chosen']}." for b in result['budgets']] + [
+      f"{_count(b['num_within_budget'], 'candidate')} within it; chosen by "
+      f"{result['chosen_by']}: {cell(b['chosen'])}." for b in result['budgets']] + [
       '', f"| schedule | Testing FLOPs / finest | proxy (velocity MSE vs finest) | FID, mean ± std "
       f"over sampling seeds {','.join(map(str, first['seeds']))} "
       f"({result['settings']['num_samples']} samples each) | FID per seed | "
@@ -373,7 +378,7 @@ def markdown(result: dict) -> str:
     per_seed = ', '.join(f'{f:.1f}' for f in r.get('fid_per_seed', [])) or '-'
     seconds = (f"= {r['same_schedule_as'].split(':')[0]}" if 'same_schedule_as' in r
                else f"{r['batch_seconds']:.2f}")
-    lines.append(f"| {name}{' **(chosen)**' if name in chosen else ''} | "
+    lines.append(f"| {cell(name)}{' **(chosen)**' if name in chosen else ''} | "
                  f"{r['flops_ratio']:.3f} | {r['proxy']:.4f} | {fid} | {per_seed} | {seconds} |")
   return '\n'.join(lines)
 
