@@ -116,7 +116,7 @@ def build(args: argparse.Namespace, main_args: list[str]) -> tuple[list[Command]
   cd = f'cd {shlex.quote(remote_dir)} && '
   for name, value in env.items():
     common.say(f'{name}={value}')
-  if n > 1:
+  if n > 1 and not common.is_gcs(workdir):  # a bucket URL is shared by every host already
     common.say(f'workdir {workdir} must be one shared file system (NFS, Filestore, a gcsfuse '
                f'mount), readable and writable at that path by all {n} hosts')
 

@@ -195,9 +195,10 @@ def run(args: argparse.Namespace, main_args: list[str]) -> list[Command]:
           *common.main_argv(_VENV_PYTHON, config, workdir, args.mode, main_args)]
   data_paths = [a.split('=', 1)[1] for a in main_args if a.startswith('--config.data.path=')]
   if workers > 1:
-    common.say(f'workdir {workdir} must be the same shared file system on every worker (e.g. the '
-               'bucket mounted by `setup --gcs_bucket`)')
-    for path in filter(None, data_paths):
+    if not common.is_gcs(workdir):  # a bucket URL is shared by every worker by construction
+      common.say(f'workdir {workdir} must be the same shared file system on every worker (e.g. '
+                 'the bucket mounted by `setup --gcs_bucket`)')
+    for path in (p for p in data_paths if p and not common.is_gcs(p)):
       common.say(f'every worker reads --config.data.path={path}: it must be on the shared mount '
                  'or copied to that path on each worker')
   common.say(f'run ppflow_jax.main --mode={args.mode} on all {workers} worker(s) of '

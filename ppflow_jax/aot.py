@@ -43,6 +43,7 @@ from ppflow_jax import config_lib
 from ppflow_jax import flops as flops_lib
 from ppflow_jax import hlo
 from ppflow_jax import inference
+from ppflow_jax import paths
 from ppflow_jax import sharding
 from ppflow_jax import train
 
@@ -106,6 +107,13 @@ def _sds(tree, shardings):
                       tree, shardings)
 
 
+def write_hlo(hlo_dir: str, program: str, text: str) -> str:
+  """Writes a program's compiled HLO text to `hlo_dir` (a local path or a URL) -> its name."""
+  path = paths.join(paths.makedirs(hlo_dir), program.replace('/', '_') + '.hlo.txt')
+  paths.write_text(path, text)
+  return path
+
+
 def _measure(name: str, lower, chip: Chip, analytic: float, loops: bool,
              hlo_dir: str | None = None) -> dict:
   """Lowers and compiles, then reads memory, cost and HLO statistics (per chip)."""
@@ -132,9 +140,7 @@ def _measure(name: str, lower, chip: Chip, analytic: float, loops: bool,
   cost = cost[0] if isinstance(cost, list) else cost
   text = compiled.as_text()
   if hlo_dir:
-    os.makedirs(hlo_dir, exist_ok=True)
-    with open(os.path.join(hlo_dir, name.replace('/', '_') + '.hlo.txt'), 'w') as f:
-      f.write(text)
+    write_hlo(hlo_dir, name, text)
   stats = hlo.analyze(text)
   compiled_flops = float(cost.get('flops', 0.0))
   bytes_accessed = float(cost.get('bytes accessed', 0.0))

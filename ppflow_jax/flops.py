@@ -206,10 +206,11 @@ def _time_weighted(m: _Model) -> float:
 def training_flops(config: ml_collections.ConfigDict, batch_size: int | None = None) -> dict:
   """Training FLOPs per image: 3 x forward (forward + backward), stage buckets of the batch.
 
-  Returns {bucket_sizes, flops_per_image, finest_flops_per_image, ratio} and, for packed PPF
-  training with a dense segment mask (the `xla` attention), `packed_dense_flops_per_image`: the
-  attention of a packed row then costs the full row length squared and padding tokens are
-  computed too (kernels with block-sparse masks, splash/pallas, skip most of that).
+  Returns {bucket_sizes, flops_per_image, finest_flops_per_image, ratio} and, for PPF training
+  with Patch n' Pack, what a packed step computes: `packed_flops_per_image` with the `xla`
+  attention told the rows' layout (each sample slot attends alone; the padding tokens of a
+  stage's last row are computed too), `packed_dense_flops_per_image` with the segment-id kernels
+  (splash, pallas_gpu), where a packed row's attention costs its full length squared.
   """
   return _training(_Model.of(config), batch_size)
 
@@ -229,13 +230,15 @@ def _training(m: _Model, batch_size: int | None) -> dict:
     lengths = [f['tokens'] for f in fwd]
     plan = packing.make_plan(sizes, tuple(lengths))
     row = plan.row_length
-    extra = 0  # MACs a dense-mask packed forward adds over the per-sample count
+    padding = dense = 0  # MACs a packed forward adds over the per-sample count
     for s, (n, length) in enumerate(zip(sizes, lengths)):
-      rows = plan.rows(s)
+      rows, slots = plan.rows(s), plan.rows(s) * plan.per_row(s)
       per_token = 4 * d * d + 2 * d * hidden
-      extra += mc.depth * (2 * d * (rows * row * row - n * length * length)
-                           + per_token * (rows * row - n * length))
-    out['packed_dense_flops_per_image'] = per_image + 3 * 2 * extra / batch
+      linear = per_token * (rows * row - n * length)
+      padding += mc.depth * (2 * d * (slots - n) * length * length + linear)
+      dense += mc.depth * (2 * d * (rows * row * row - n * length * length) + linear)
+    out['packed_flops_per_image'] = per_image + 3 * 2 * padding / batch
+    out['packed_dense_flops_per_image'] = per_image + 3 * 2 * dense / batch
   return out
 
 
@@ -278,8 +281,8 @@ def format_table(rep: dict) -> str:
       f"training: {tr['flops_per_image'] / 1e9:.1f} GFLOPs per image (buckets "
       f"{list(tr['bucket_sizes'])}), {tr['ratio']:.1%} of the finest patch"]
   if 'packed_dense_flops_per_image' in tr:
-    lines.append(f"  packed rows with a dense mask: {tr['packed_dense_flops_per_image'] / 1e9:.1f} "
-                 'GFLOPs per image')
+    lines.append(f"  packed rows: {tr['packed_flops_per_image'] / 1e9:.1f} GFLOPs per image (xla "
+                 f"attention), {tr['packed_dense_flops_per_image'] / 1e9:.1f} (segment-id kernels)")
   return '\n'.join(lines)
 
 

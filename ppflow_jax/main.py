@@ -121,7 +121,7 @@ def main(argv):
     raise app.UsageError('--class_labels is for --mode=sample')
   from ppflow_jax import checkpoint, lease  # pylint: disable=g-import-not-at-top
   try:
-    run(f.config, f.workdir, f.mode, f.class_labels, force=f.force)
+    run(f.config, paths.check(f.workdir, '--workdir'), f.mode, f.class_labels, force=f.force)
   except lease.LeaseHeldError as e:
     cli.fail(str(e))
   except (checkpoint.CheckpointWriteError, lease.LeaseLostError) as e:

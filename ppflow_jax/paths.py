@@ -1,9 +1,10 @@
 """The one path abstraction for workdirs, checkpoints, data and latents: `etils.epath`.
 
 A path is a local file name or a URL of any file system epath serves (`gs://bucket/run` on Cloud
-Storage through fsspec/gcsfs or tf.io.gfile, `s3://`, ...). orbax, grain/array_record and tfds
-take the same strings natively, so a `gs://` workdir needs no gcsfuse mount (a mount still works:
-it is a local path). Helpers here never pass a URL through `os.path.abspath` or `os.makedirs`,
+Storage through fsspec/gcsfs or tf.io.gfile, `s3://`, ...). orbax and tfds take the same strings
+natively, so a `gs://` workdir needs no gcsfuse mount (a mount still works: it is a local path).
+ArrayRecord shards are the exception: array_record opens them with its own C++ file layer, which
+reads local files and `gs://` (its own Cloud Storage client) only (data/latents.py checks). Helpers here never pass a URL through `os.path.abspath` or `os.makedirs`,
 which would turn `gs://b/run` into a local directory `./gs:/b/run`; `check` refuses such mangled
 names outright.
 
@@ -129,6 +130,16 @@ def load_npz(path) -> np.lib.npyio.NpzFile:
 def glob(directory, pattern: str) -> list[str]:
   """Sorted names `directory/<match>` of `pattern` (e.g. 'chunk_*.npz'), local or URL."""
   return sorted(os.fspath(p) for p in as_path(directory).glob(pattern))
+
+
+def walk(directory) -> Iterator[tuple[str, list[str], list[str]]]:
+  """os.walk for a local path or a URL: (folder, subfolder names, file names), in listing order.
+  etils' fsspec backend yields folders without their scheme (`bucket/dir`); it is put back."""
+  text = check(directory)
+  scheme = text.split('://', 1)[0] + '://' if is_url(text) else ''
+  for folder, dirs, files in as_path(text).walk():
+    name = os.fspath(folder)
+    yield (name if name.startswith(scheme) else scheme + name), dirs, files
 
 
 def append_text(path, text: str) -> None:

@@ -46,6 +46,15 @@ def save_png(image: np.ndarray, path: str) -> None:
   paths.write_bytes(path, buffer.getvalue())
 
 
+def save_figure(fig, path: str, dpi: int = 100) -> None:
+  """A matplotlib figure -> a PNG at `path` (a local path or a URL); closes the figure."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=dpi)
+  plt.close(fig)
+  paths.write_bytes(path, buffer.getvalue())
+
+
 def save_grid(images: np.ndarray, path: str, nrow: int, scale: int = 1) -> None:
   """images: uint8 (N, H, W, C) -> one PNG with `nrow` images per row."""
   save_png(make_grid(images, nrow, scale), path)
@@ -104,10 +113,7 @@ def plot_losses(metrics_file: str, path: str) -> None:
   ax.set_yscale('log')
   ax.legend()
   fig.tight_layout()
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format='png', dpi=100)
-  plt.close(fig)
-  paths.write_bytes(path, buffer.getvalue())
+  save_figure(fig, path)
 
 
 def final_report(model: inference.Inference, workdir: str, evaluator=None) -> dict:

@@ -48,6 +48,8 @@ from ppflow_jax import config_lib
 from ppflow_jax import flops
 from ppflow_jax import flow
 from ppflow_jax import inference
+from ppflow_jax import paths
+from ppflow_jax import report
 from ppflow_jax import sampling
 from ppflow_jax import stages as stages_lib
 
@@ -414,8 +416,7 @@ def pareto_plot(result: dict, path: str) -> None:
     axes[0, 1].set_ylabel('Fashion-MNIST FID')
     axes[0, 1].legend(fontsize=6)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  report.save_figure(fig, path, dpi=110)
 
 
 def heldout_fashion_mnist(config: ml_collections.ConfigDict, n: int,
@@ -436,23 +437,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, settings: SearchSetting
   from ppflow_jax.experiments import compare  # pylint: disable=g-import-not-at-top
   config = config_lib.resolve(config)
   model = inference.Inference.from_workdir(workdir, config)
-  out_dir = out_dir or os.path.join(workdir, 'schedule_search')
-  os.makedirs(out_dir, exist_ok=True)
-  evaluator = compare.make_evaluator(fid_cache or os.path.join(workdir, 'fmnist_classifier'),
+  out_dir = out_dir or paths.join(workdir, 'schedule_search')
+  paths.makedirs(out_dir)
+  evaluator = compare.make_evaluator(fid_cache or paths.join(workdir, 'fmnist_classifier'),
                                      quick=False)
   t0 = time.time()
   result = search(model, heldout_fashion_mnist(config, settings.proxy_images, settings.seed),
                   settings, evaluator)
   result['seconds'] = time.time() - t0
-  with open(os.path.join(out_dir, 'search.json'), 'w') as f:
-    json.dump(result, f, indent=2)
-  with open(os.path.join(out_dir, 'override.txt'), 'w') as f:
-    for b in result['budgets']:
-      f.write(f"# budget {b['arg']}: {b['chosen']}\n" + (
-          b['override'] or 'the chosen schedule uses a subset of the model stages; see search.json')
-              + '\n')
-  pareto_plot(result, os.path.join(out_dir, 'pareto.png'))
+  write_results(result, out_dir)
   return result
+
+
+def write_results(result: dict, out_dir: str) -> None:
+  """search.json, override.txt and pareto.png in `out_dir` (a local path or a URL)."""
+  paths.write_text(paths.join(out_dir, 'search.json'), json.dumps(result, indent=2))
+  paths.write_text(paths.join(out_dir, 'override.txt'), ''.join(
+      f"# budget {b['arg']}: {b['chosen']}\n" + (b['override'] or 'the chosen schedule uses a '
+                                                 'subset of the model stages; see search.json')
+      + '\n' for b in result['budgets']))
+  pareto_plot(result, paths.join(out_dir, 'pareto.png'))
 
 
 def _number_or_name(budget: str) -> float | str:

@@ -50,7 +50,7 @@ def mini_repro_table(result: dict) -> str:
 
 
 def bench_table(result: dict) -> str:
-  """A benchmark's Markdown table (bench.sample, bench.train or bench.vs_torch JSON)."""
+  """A benchmark's Markdown table (the JSON of any `ppflow_jax.bench` module with a `table`)."""
   import importlib  # pylint: disable=g-import-not-at-top
   from ppflow_jax.bench import common  # pylint: disable=g-import-not-at-top
   module = importlib.import_module(f'ppflow_jax.bench.{result["benchmark"]}')
@@ -80,6 +80,7 @@ TABLES = (
           bench_table),
     Table('vs_torch_cpu', ('README.md', 'docs/bench.md'), 'docs/vs_torch_cpu.json', bench_table),
     Table('attention_cpu', ('docs/attention.md',), 'docs/attention_cpu.json', bench_table),
+    Table('block_cpu', ('docs/attention.md',), 'docs/block_cpu.json', bench_table),
     Table('mini_repro', ('docs/mini_repro.md',), 'docs/mini_repro_results.json', mini_repro_table),
     Table('mini_repro_ft50', ('docs/mini_repro.md',), 'docs/mini_repro_ft50_results.json',
           mini_repro_table),

@@ -6,7 +6,7 @@
 - an existing path: itself;
 - a released name (`PPF-XL-2.pt`, `PPF-XL-3.pt`, `SiT-XL-2-256x256.pt`, `DiT-XL-2-256x256.pt`, with
   or without `.pt`): downloaded once into the cache (`$PPFLOW_CACHE`, default
-  `~/.cache/ppflow_jax`), resumed from a partial `.part` file with an HTTP Range request, with a
+  `~/.cache/ppflow_jax`; local only, a URL is refused), resumed from a partial `.part` file with an HTTP Range request, with a
   progress bar, checked against the server's length and, where `REGISTRY` knows it, a size and
   SHA-256; the SHA-256 of every download is kept beside it (`<file>.sha256`) and re-checked on
   each later use of the cached copy;
@@ -32,6 +32,7 @@ import urllib.error
 import urllib.request
 
 from ppflow_jax import errors
+from ppflow_jax import paths
 
 SHA_SUFFIX = '.sha256'
 _CHUNK = 1 << 20
@@ -64,8 +65,23 @@ REGISTRY: dict[str, Release] = {r.name: r for r in (
 
 
 def cache_dir() -> str:
-  return os.environ.get('PPFLOW_CACHE') or os.path.join(
+  """$PPFLOW_CACHE or ~/.cache/ppflow_jax: a local directory only, because torch.load and the
+  converters read local files (a bucket mounted with gcsfuse is a local path and works)."""
+  path = os.environ.get('PPFLOW_CACHE') or os.path.join(
       os.path.expanduser('~'), '.cache', 'ppflow_jax')
+  if paths.is_url(path):
+    raise errors.UserError(
+        f'PPFLOW_CACHE={path!r} is a URL, but the weights cache must be a local directory '
+        '(torch.load reads local files); set it to a local path or a gcsfuse mount of the bucket')
+  return paths.check(path, 'PPFLOW_CACHE')
+
+
+def require_local(path: str) -> None:
+  """Raises UserFileError for a URL: weight files are read from local disk (torch.load)."""
+  if paths.is_url(path):
+    raise errors.UserFileError(
+        f'{path!r}: weight files are read from local disk (torch.load); copy it first (gcloud '
+        'storage cp) or mount the bucket, and pass the local path')
 
 
 def release(name: str) -> Release | None:
@@ -184,6 +200,7 @@ def resolve(spec: str, *, progress: bool = True) -> str:
   if re.match(r'^https?://', spec):
     name = os.path.basename(spec.split('?', 1)[0]) or 'download'
     return download(spec, os.path.join(cache_dir(), name), progress=progress)
+  require_local(spec)
   raise errors.UserFileError(
       f'{spec!r} is neither a file nor a released weight name; give a path, an http(s) URL, '
       f'hf:<repo id>, or one of {", ".join(REGISTRY)}')

@@ -116,6 +116,35 @@ def test_kernel_bf16_forward_matches_xla(impl):
   np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2, rtol=3e-2)
 
 
+def test_row_blocks_attend_blockwise_with_the_masked_result(monkeypatch):
+  """Rows laid out as PackPlan does (groups of k aligned equal segments, padding slots included)
+  give the masked values and gradients, computed on (rows * k, L / k) blocks without a mask."""
+  length = 32
+  keys = jax.random.split(jax.random.key(3), 4)
+  q, k, v, cot = (jax.random.normal(key, (3, length, H, D)) for key in keys)
+  seg = np.stack([np.ones(length, int),  # group 1: one 32-token sample per row
+                  np.repeat([1, 2, 3, 4], 8),  # group 2: four 8-token samples per row,
+                  np.repeat([1, 2, 0, 0], 8)]).astype(np.int32)  # the last row half padding
+  blocks = ((1, 1), (2, 4))
+  shapes = []
+  real = attn._xla_attention
+  monkeypatch.setattr(attn, '_xla_attention', lambda *a: shapes.append(a[0].shape) or real(*a))
+  masked = attn.attention(q, k, v, jnp.asarray(seg), impl='xla')
+  assert shapes == [(3, length, H, D)]
+  real_tokens = seg != 0  # padding outputs differ (never read back), so the loss skips them
+  loss = lambda blocks: lambda q, k, v: jnp.sum(
+      attn.attention(q, k, v, jnp.asarray(seg), impl='xla', row_blocks=blocks)
+      * cot * real_tokens[:, :, None, None])
+  blockwise = attn.attention(q, k, v, jnp.asarray(seg), impl='xla', row_blocks=blocks)
+  assert shapes[1:] == [(1, length, H, D), (8, 8, H, D)]
+  np.testing.assert_allclose(blockwise[real_tokens], masked[real_tokens], atol=1e-6, rtol=1e-6)
+  for g_masked, g_blocks in zip(jax.grad(loss(None), (0, 1, 2))(q, k, v),
+                                jax.grad(loss(blocks), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g_blocks, g_masked, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match='do not tile'):
+    attn.attention(q, k, v, jnp.asarray(seg), impl='xla', row_blocks=((1, 1), (1, 4)))
+
+
 @pytest.mark.parametrize('impl', ('xla', 'auto', 'cudnn') + KERNELS)
 def test_packed_samples_do_not_see_each_other(impl):
   """Changing every token of sample 2 changes sample 2's outputs and nothing else in the row."""

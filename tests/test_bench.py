@@ -14,6 +14,7 @@ from ppflow_jax import flops
 from ppflow_jax import sampling
 from ppflow_jax import stages as stages_lib
 from ppflow_jax.bench import attention as bench_attention
+from ppflow_jax.bench import block as bench_block
 from ppflow_jax.bench import common
 from ppflow_jax.bench import sample as bench_sample
 from ppflow_jax.bench import train as bench_train
@@ -76,7 +77,11 @@ def test_train_benchmark_tiny():
   config = common.make_config('ppf2', opts)
   assert ppf2['speedup_flops_bound'] == pytest.approx(
       1 / flops.training_flops(config, batch_size=4)['ratio'])
-  assert ppf2['speedup_packed_dense_bound'] < ppf2['speedup_flops_bound']
+  # CPU: the xla attention attends within each slot; the one padding slot is computed too.
+  assert ppf2['packed_attention'] == 'xla'
+  assert ppf2['packed_flops_per_step'] == pytest.approx(
+      4 * flops.training_flops(config, batch_size=4)['packed_flops_per_image'])
+  assert ppf2['speedup_packed_bound'] < ppf2['speedup_flops_bound']
   assert ppf2['images_per_second'] > 0 and ppf2['mfu'] is None  # CPU: no MFU
   headers, rows = bench_train.table(result)
   assert len(rows) == 2 and rows[0][1] == 'n/a' and rows[1][1] == 'yes'
@@ -138,10 +143,24 @@ def test_gpu_suite_runs_end_to_end_on_cpu(tmp_path):
 def test_attention_candidates_agree_and_are_timed():
   opts = dict(batch=2, heads=2, head_dim=8, dtype='float32', lengths=[16], rounds=1, calls=1)
   rows = bench_attention.bench_length(16, opts)  # asserts every candidate matches ops.attention
-  names = {'xla', 'einsum_blhd', 'jax_dpa'}
+  names = set(bench_attention.JAX_CANDIDATES)
   assert names <= {r['candidate'] for r in rows}
   assert {r['segments'] for r in rows} == {'none', 'packed'}
+  assert {r['segments'] for r in rows if r['candidate'] == 'xla_blockwise'} == {'packed'}
   assert all(r['ms']['median'] > 0 for r in rows)
   headers, table_rows = bench_attention.table(dict(options=opts, results=rows))
   assert [r[:2] for r in table_rows] == [['16', 'none'], ['16', 'packed']]
   assert table_rows[0][-1] in names | {'torch_sdpa'}
+
+
+def test_block_parts_agree_with_torch_and_are_timed():
+  """Every part of the block equals the torch reference's (asserted inside `run`) and is timed."""
+  pytest.importorskip('torch')
+  opts = dict(batch=2, length=16, width=32, heads=2, per_row=4, dtype='float32', rounds=2,
+              calls=1)
+  rows = bench_block.run(opts)
+  assert [r['part'] for r in rows] == ['norm_modulate', 'gelu', 'mlp', 'attention', 'modulation',
+                                       'block', 'block_packed']
+  assert all(r['jax_ms']['median'] > 0 and r['torch_ms']['n'] == 2 for r in rows)
+  headers, table_rows = bench_block.table(dict(results=rows))
+  assert len(headers) == 4 and len(table_rows) == 7

@@ -85,7 +85,19 @@ def test_training_flops_follow_buckets():
   tr = flops.training_flops(paper_config('ppf_b_3'))
   assert tr['bucket_sizes'] == (128, 64, 64)
   assert tr['ratio'] == pytest.approx(flops.time_weighted_ratio(paper_config('ppf_b_3')))
+  # Full rows (32 of four 4x4 samples, 32 of two 2x4 ones): the xla attention computes exactly
+  # the per-sample FLOPs, the segment-id kernels whole rows.
+  assert tr['packed_flops_per_image'] == pytest.approx(tr['flops_per_image'])
   assert tr['packed_dense_flops_per_image'] > tr['flops_per_image']
+  padded = flops.training_flops(paper_config('ppf_b_3'), batch_size=6)  # buckets (3, 2, 1)
+  assert padded['bucket_sizes'] == (3, 2, 1)
+  m = paper_config('ppf_b_3').model
+  d = m.hidden_size
+  slot = 4 * d * d + 2 * d * int(d * m.mlp_ratio)  # per-token MACs of one block's linears
+  padding_macs = m.depth * (2 * d * 64 * 64 + slot * 64)  # one 64-token padding slot, 4x4 row
+  assert padded['packed_flops_per_image'] == pytest.approx(
+      padded['flops_per_image'] + 3 * 2 * padding_macs / 6)
+  assert padded['packed_dense_flops_per_image'] > padded['packed_flops_per_image']
 
 
 def _xla_flops(config) -> list[float]:

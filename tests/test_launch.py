@@ -249,11 +249,13 @@ def test_tpu_multi_host_notes_shared_workdir_and_data(repo):
                 '--', '--config.data.path=gs://ppf-bucket/lat']),
 ])
 def test_gcs_workdir_and_data_are_passed_to_main(repo, script, args):
-  """main reads and writes gs:// natively (paths.py, orbax), so no mount is needed."""
-  rc, cmds, _, err = launch(repo, script, *args)
+  """main reads and writes gs:// natively (paths.py, orbax), so no mount is needed (and no
+  reminder that one is)."""
+  rc, cmds, out, err = launch(repo, script, *args)
   assert rc == 0, err
   line = ' '.join(' '.join(c) for c in cmds)
   assert 'gs://ppf-bucket/runs/xl2' in line and '--config.data.path=gs://ppf-bucket/lat' in line
+  assert 'shared' not in out, out
 
 
 def test_tpu_config_outside_repo_is_refused(repo, tmp_path):

@@ -28,6 +28,10 @@ class FakeGCS(MemoryFileSystem):
   def _strip_protocol(cls, path):
     return MemoryFileSystem._strip_protocol(path.replace('gs://', '', 1))
 
+  def walk(self, path, *args, **kwargs):  # folders named bucket/key, as gcsfs names them
+    for folder, dirs, files in super().walk(path, *args, **kwargs):
+      yield folder.lstrip('/'), dirs, files
+
 
 @pytest.fixture(params=['local', 'gs'])
 def root(request, tmp_path, monkeypatch):
@@ -41,6 +45,7 @@ def root(request, tmp_path, monkeypatch):
   for name in ('gs', 'gcs'):
     monkeypatch.setitem(registry, name, FakeGCS)
   FakeGCS.store.clear()
+  FakeGCS.pseudo_dirs[:] = ['']  # directories made by an earlier test
   yield 'gs://bucket/run'
   assert not any('gs:' in d for _, dirs, _ in os.walk(tmp_path) for d in dirs), 'local gs: dir'
   assert any(k.startswith('/bucket/run/') for k in FakeGCS.store), 'nothing went to gs://'
@@ -84,6 +89,17 @@ def test_png_and_latent_metadata(root):
   paths.write_text(paths.join(root, latents.META), json.dumps(
       {'format': latents.FORMAT, 'complete': True, 'num_shards': 1}))
   assert latents.read_meta(root)['num_shards'] == 1
+
+
+def test_walk_names_nested_files_under_the_root(root):
+  for name in ('a/1.png', 'a/deep/2.png', 'b/3.png'):
+    paths.makedirs(paths.join(root, os.path.dirname(name)))
+    paths.write_bytes(paths.join(root, name), b'x')
+  found = sorted((folder, sorted(files)) for folder, _, files in paths.walk(root))
+  assert found == [(root, []), (paths.join(root, 'a'), ['1.png']),
+                   (paths.join(root, 'a', 'deep'), ['2.png']), (paths.join(root, 'b'), ['3.png'])]
+  assert paths.read_bytes(paths.join(found[2][0], '2.png')) == b'x'
+
 
 
 @pytest.mark.parametrize('bad', ['gs:/bucket/run', './gs:/bucket/run', '/work/s3:/b'])

@@ -1,7 +1,11 @@
 """Attention formulations timed side by side: how `ops.attention`'s XLA path was chosen.
 
 Candidates, each on q, k, v of (B, L, H, D) (and (B, L) segment ids for the packed variant):
-  xla          `ops.attention(impl='xla')`: heads before length, q pre-scaled, late normalisation;
+  xla          `ops.attention(impl='xla')`: heads before length, q pre-scaled, late normalisation,
+               packed rows masked by one additive (B, 1, L, L) bias;
+  xla_select   (packed only) the same with the mask as a select per score (the previous path);
+  xla_blockwise (packed only) `ops.attention(impl='xla', row_blocks=...)`: the four aligned
+               segments of a row attend as rows of their own, unmasked (what packed training runs);
   einsum_blhd  the textbook formulation on the (B, L, H, D) layout (the project's previous path);
   jax_dpa      `jax.nn.dot_product_attention(implementation='xla')` (boolean mask when packed);
   torch_sdpa   torch's fused `scaled_dot_product_attention` on (B, H, L, D) (if torch is here).
@@ -40,11 +44,34 @@ def jax_dpa(q, k, v, segment_ids):
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
 
 
+def xla_select(q, k, v, segment_ids):
+  """`ops.attention`'s XLA formulation with the segment mask as a select on every score."""
+  q = q / math.sqrt(q.shape[-1])
+  q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+  s = jnp.einsum('bhqd,bhkd->bhqk', q, k)
+  if segment_ids is not None:
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    s = jnp.where(same, s, -0.7 * float(np.finfo(np.float32).max))
+  e = jnp.exp(s - s.max(axis=-1, keepdims=True))
+  out = jnp.einsum('bhqk,bhkd->bhqd', e, v) / e.sum(axis=-1, keepdims=True)
+  return out.transpose(0, 2, 1, 3)
+
+
+def xla_blockwise(q, k, v, segment_ids):
+  """`ops.attention` told that every row holds SEGMENTS aligned equal segments."""
+  return attention_ops.attention(q, k, v, segment_ids, impl='xla',
+                                 row_blocks=((q.shape[0], SEGMENTS),))
+
+
+SEGMENTS = 4  # samples per packed row (four 64-token 4x4 samples in a 256-token row)
 JAX_CANDIDATES = {
     'xla': lambda q, k, v, s: attention_ops.attention(q, k, v, s, impl='xla'),
+    'xla_select': xla_select,
+    'xla_blockwise': xla_blockwise,
     'einsum_blhd': einsum_blhd,
     'jax_dpa': jax_dpa,
 }
+PACKED_ONLY = ('xla_select', 'xla_blockwise')  # without segment ids: the same as 'xla'
 
 
 def _torch_candidate(q, k, v, segment_ids):
@@ -66,16 +93,17 @@ def _torch_candidate(q, k, v, segment_ids):
 
 
 def bench_length(length: int, opts: dict) -> list[dict]:
-  """Every candidate at sequence length `length`, unpacked and packed (4 equal segments)."""
+  """Every candidate at sequence length `length`, unpacked and packed (SEGMENTS equal ones)."""
   b, h, d = opts['batch'], opts['heads'], opts['head_dim']
   keys = jax.random.split(jax.random.key(0), 3)
   q, k, v = (jax.random.normal(key, (b, length, h, d), jnp.dtype(opts['dtype'])) for key in keys)
-  packed = jnp.broadcast_to(jnp.repeat(jnp.arange(1, 5, dtype=jnp.int32), length // 4),
-                            (b, length))
+  packed = jnp.broadcast_to(
+      jnp.repeat(jnp.arange(1, SEGMENTS + 1, dtype=jnp.int32), length // SEGMENTS), (b, length))
   runs = {}
   for seg_name, seg in (('none', None), ('packed', packed)):
-    for name, fn in JAX_CANDIDATES.items():
-      compiled = jax.jit(fn)
+    names = [n for n in JAX_CANDIDATES if seg is not None or n not in PACKED_ONLY]
+    for name in names:
+      compiled = jax.jit(JAX_CANDIDATES[name])
       ref = compiled(q, k, v, seg)
       runs[(name, seg_name)] = lambda c=compiled, s=seg: jax.block_until_ready(c(q, k, v, s))
       if name == 'xla':
@@ -84,7 +112,7 @@ def bench_length(length: int, opts: dict) -> list[dict]:
     if t is not None:
       runs[('torch_sdpa', seg_name)] = t
       np.testing.assert_allclose(t().transpose(1, 2).numpy(), want, atol=1e-4, rtol=1e-4)
-    for name in JAX_CANDIDATES:  # every candidate computes the same thing
+    for name in names:  # every candidate computes the same thing
       np.testing.assert_allclose(np.asarray(runs[(name, seg_name)]()), want, atol=1e-4, rtol=1e-4)
   times = {key: [] for key in runs}
   for _ in range(opts['rounds']):
@@ -119,22 +147,14 @@ def main(argv) -> None:
   opts = dict(batch=f.batch, heads=f.heads, head_dim=f.head_dim, dtype=f.dtype,
               lengths=[int(x) for x in f.lengths], rounds=f.rounds, calls=f.calls)
   results = [r for length in opts['lengths'] for r in bench_length(length, opts)]
-  result = dict(benchmark='attention', device=common.device_info(), options=opts,
-                results=results)
-  print(f"{result['device']['device_kind']}, jax {result['device']['jax']}: q, k, v "
-        f"({opts['batch']}, L, {opts['heads']}, {opts['head_dim']}) {opts['dtype']}, "
-        f"{opts['rounds']} interleaved rounds x {opts['calls']} calls, median (min-max) ms")
-  print(common.write_outputs(result, *table(result), json_path=f.json, markdown=f.markdown))
+  common.report('attention', opts, results, table,
+                f"q, k, v ({opts['batch']}, L, {opts['heads']}, {opts['head_dim']}) "
+                f"{opts['dtype']}, {opts['rounds']} interleaved rounds x {opts['calls']} calls, "
+                'median (min-max) ms')
 
 
 if __name__ == '__main__':
-  flags.DEFINE_integer('batch', 16, 'Rows (a CFG-doubled batch of 8 images).')
-  flags.DEFINE_integer('heads', 6, 'Heads (S: 6).')
+  common.define_part_flags(rounds=5, calls=2)
   flags.DEFINE_integer('head_dim', 64, 'Head dim (S/B/L: 64, XL: 72).')
-  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'q, k, v dtype.')
   flags.DEFINE_list('lengths', ['256', '128', '64'], 'Sequence lengths (the stages\' tokens).')
-  flags.DEFINE_integer('rounds', 5, 'Interleaved rounds.')
-  flags.DEFINE_integer('calls', 2, 'Timed calls per candidate per round.')
-  flags.DEFINE_string('json', '', 'Write the results as JSON to this file.')
-  flags.DEFINE_bool('markdown', False, 'Print a Markdown table.')
   app.run(main)

@@ -73,6 +73,27 @@ def print_result(result: dict, headers: list[str], rows: list[list[str]], settin
   print(write_outputs(result, headers, rows, json_path=f.json, markdown=f.markdown))
 
 
+def define_part_flags(rounds: int, calls: int) -> None:
+  """The flags of the part benchmarks (bench.attention, bench.block): SiT/PPF-S sizes at a
+  CFG-doubled batch, interleaved rounds, outputs."""
+  flags.DEFINE_integer('batch', 16, 'Rows (a CFG-doubled batch of 8 images).')
+  flags.DEFINE_integer('heads', 6, 'Heads (S: 6).')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
+  flags.DEFINE_integer('rounds', rounds, 'Interleaved rounds.')
+  flags.DEFINE_integer('calls', calls, 'Timed calls per run per round.')
+  flags.DEFINE_string('json', '', 'Write the results as JSON to this file.')
+  flags.DEFINE_bool('markdown', False, 'Print a Markdown table.')
+
+
+def report(benchmark: str, opts: dict, results: list[dict], table, settings: str) -> None:
+  """Prints a part benchmark's device line with `settings` and its `table(result)`; writes --json
+  (flags of `define_part_flags`)."""
+  result = dict(benchmark=benchmark, device=device_info(), options=opts, results=results)
+  print(f"{result['device']['device_kind']}, jax {result['device']['jax']}: {settings}")
+  f = flags.FLAGS
+  print(write_outputs(result, *table(result), json_path=f.json, markdown=f.markdown))
+
+
 def options(config: ml_collections.ConfigDict, models, repeats: int, **more) -> dict:
   """What a benchmark run compares: the shared `config` (resolved, locked) under 'config', the
   models in order, timed repeats and `more`; also size, batch and dtype, for the result JSON."""

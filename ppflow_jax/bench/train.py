@@ -8,8 +8,10 @@ peak device memory. Each repeat times `--steps` consecutive steps (the state is 
 training); after one warm-up step per run, repeats run in interleaved rounds (every run once per
 round), so a speedup is the median of per-round ratios; medians and spreads are reported.
 
-With the dense-mask `xla` attention (the CPU path) a packed row attends over its full length and
-padding tokens are computed, so packed PPF runs are bounded by `packed_dense` FLOPs instead.
+A packed step also computes its padding tokens, and with the segment-id kernels (splash,
+pallas_gpu) a packed row attends over its full length; the packed rows' bound counts what the
+step's attention implementation computes (flops.training_flops: `packed_flops_per_image` for
+'xla', which attends within each sample slot, `packed_dense_flops_per_image` for the kernels).
 
   python -m ppflow_jax.bench.train --config=bench:XL --steps=10 --markdown
   python -m ppflow_jax.bench.train --config=bench:tiny --steps=2   # CI-sized, any CPU
@@ -27,6 +29,7 @@ from ppflow_jax import cli
 from ppflow_jax import flops
 from ppflow_jax import sharding
 from ppflow_jax.bench import common
+from ppflow_jax.ops import attention as attention_ops
 from ppflow_jax.train import Trainer
 
 
@@ -70,14 +73,20 @@ def summarize(m: dict, opts: dict, first: float, per_step: list[float]) -> dict:
   tokens = sum(n * trainer.schedule.num_tokens(s) for s, n in enumerate(trainer.bucket_sizes))
   step_flops = tr['flops_per_image'] * b
   device = common.device_info()
+  mc = config.model
+  impl = attention_ops.select_impl(
+      mc.attention, backend=device['platform'], segmented=True, dtype=mc.dtype,
+      seq_len=trainer.schedule.num_tokens(len(trainer.bucket_sizes) - 1),
+      head_dim=mc.hidden_size // mc.num_heads)
+  packed_key = 'packed_flops_per_image' if impl == 'xla' else 'packed_dense_flops_per_image'
   multi = len(trainer.bucket_sizes) > 1
   return dict(model=name, label=common.LABELS[name], packing=packing if multi else None,
               bucket_sizes=list(trainer.bucket_sizes), seconds_per_step=t,
               images_per_second=b / t['median'], tokens_per_second=tokens / t['median'],
               tokens_per_step=tokens, compile_seconds=first - t['median'],
               flops_per_step=step_flops,
-              packed_dense_flops_per_step=(tr.get('packed_dense_flops_per_image', 0) * b
-                                           if packing and multi else None),
+              packed_attention=impl if packing and multi else None,
+              packed_flops_per_step=(tr[packed_key] * b if packing and multi else None),
               achieved_tflops=step_flops / t['median'] / 1e12,
               mfu=common.mfu(step_flops / t['median'], device),
               peak_memory_bytes=common.peak_memory_bytes())
@@ -114,8 +123,8 @@ def run_benchmark(opts: dict, steps: int, packings: tuple[bool, ...] = (False, T
     r['speedup'] = r['speedup_rounds']['median']
     r['speedup_flops_bound'] = base['flops_per_step'] / r['flops_per_step']
     r['speedup_vs_bound'] = r['speedup'] / r['speedup_flops_bound']
-    dense = r['packed_dense_flops_per_step']
-    r['speedup_packed_dense_bound'] = dense and base['flops_per_step'] / dense
+    packed = r['packed_flops_per_step']
+    r['speedup_packed_bound'] = packed and base['flops_per_step'] / packed
   return dict(benchmark='train', device=common.device_info(), options=common.as_json(opts),
               steps=steps,
               results=results)
@@ -128,8 +137,8 @@ def table(result: dict) -> tuple[list[str], list[list[str]]]:
   for r in result['results']:
     t, mem = r['seconds_per_step'], r['peak_memory_bytes']
     bound = f"{r['speedup_flops_bound']:.2f}x"
-    if r['speedup_packed_dense_bound']:
-      bound += f" ({r['speedup_packed_dense_bound']:.2f}x dense mask)"
+    if r['speedup_packed_bound']:
+      bound += f" ({r['speedup_packed_bound']:.2f}x as packed, {r['packed_attention']})"
     rows.append([r['label'], {None: 'n/a', True: 'yes', False: 'no'}[r['packing']],
                  f"{r['images_per_second']:.3g}", f"{r['tokens_per_second']:.3g}",
                  f"{t['median']:.3g} ({t['min']:.3g}-{t['max']:.3g})", f"{r['speedup']:.2f}x",

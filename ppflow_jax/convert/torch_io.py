@@ -26,6 +26,7 @@ import zipfile
 import numpy as np
 
 from ppflow_jax import errors
+from ppflow_jax import weights
 
 TORCH_SUFFIXES = ('.pt', '.pth', '.bin', '.ckpt')
 WEIGHT_SUFFIXES = TORCH_SUFFIXES + ('.safetensors',)   # every file `read_state_dict` reads
@@ -175,6 +176,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   Accepts a flat state dict or a dict with an `ema` (preferred), `model` or `state_dict` entry;
   strips the `module.` prefix of DistributedDataParallel/DataParallel-wrapped models.
   """
+  weights.require_local(path)
   if not os.path.isfile(path):
     raise errors.UserFileError(f'no weight file at {path}' + (
         ' (it is a directory)' if os.path.isdir(path) else '') + '; check the path')

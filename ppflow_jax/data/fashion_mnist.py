@@ -7,9 +7,10 @@ The embedded default trains the flow model directly on these images (no VAE): 28
 from __future__ import annotations
 
 import gzip
-import os
 
 import numpy as np
+
+from ppflow_jax import paths
 
 DEFAULT_PATH = '/usr/share/datasets/fashion-mnist'
 _FILES = {'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
@@ -20,8 +21,7 @@ NUM_CLASSES = 10
 
 def _read_idx(file: str, magic: int) -> np.ndarray:
   """Reads a gzipped IDX file (big-endian int32 header: magic, dims...) into a uint8 array."""
-  with gzip.open(file, 'rb') as f:
-    data = f.read()
+  data = gzip.decompress(paths.read_bytes(file))
   got = int.from_bytes(data[:4], 'big')
   if got != magic:
     raise ValueError(f'{file}: IDX magic {got}, expected {magic}; the file is not Fashion-MNIST')
@@ -34,14 +34,14 @@ def load(path: str = '', split: str = 'train') -> tuple[np.ndarray, np.ndarray]:
   """Returns images uint8 (N, 32, 32, 1) padded with zeros, and labels int32 (N,).
 
   Args:
-    path: directory of the .gz IDX files; '' = the Debian package location.
+    path: directory of the .gz IDX files (a local path or a URL); '' = the Debian package location.
     split: 'train' (60000) or 'test' (10000).
   """
   if split not in _FILES:
     raise ValueError(f'Fashion-MNIST split {split!r} must be one of {list(_FILES)}')
   path = path or DEFAULT_PATH
-  files = [os.path.join(path, f) for f in _FILES[split]]
-  missing = [f for f in files if not os.path.exists(f)]
+  files = [paths.join(path, f) for f in _FILES[split]]
+  missing = [f for f in files if not paths.exists(f)]
   if missing:
     raise FileNotFoundError(
         f'Fashion-MNIST files not found: {missing}. Install them with '

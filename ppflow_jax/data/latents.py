@@ -19,6 +19,7 @@ import json
 import grain
 import numpy as np
 
+from ppflow_jax import errors
 from ppflow_jax import paths
 
 FORMAT = 'ppflow-latents-v1'
@@ -48,6 +49,12 @@ def decode_record(record: bytes, moments_shape: tuple[int, ...]) -> tuple[int, i
   return index, label, moments
 
 
+def array_record_can_read(path: str) -> bool:
+  """array_record opens shards with its own file layer (riegeli), not epath: local files, and
+  gs:// objects through its Cloud Storage client. Any other URL reads as an empty file."""
+  return not paths.is_url(path) or path.startswith('gs://')
+
+
 def read_meta(path: str) -> dict:
   """Reads and checks `path/meta.json` of a complete extraction."""
   file = paths.join(path, META)
@@ -67,6 +74,10 @@ class LatentSource:
   """Random-access source over the shards: element i is image i as {'moments', 'y'}."""
 
   def __init__(self, path: str):
+    if not array_record_can_read(path):
+      raise errors.UserError(
+          f'config.data.path={path!r}: array_record reads latent shards from local paths and '
+          'gs:// only; copy them to a local disk or a gs:// bucket, or mount the store locally')
     self.meta = read_meta(path)
     n = self.meta['num_shards']
     files = [paths.join(path, shard_name(k, n)) for k in range(n)]

@@ -11,11 +11,14 @@ through the same code.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import zipfile
 from typing import Iterator
 
 import numpy as np
+
+from ppflow_jax import paths
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -237,7 +240,7 @@ def load_reference_batch(path: str) -> ReferenceBatch:
   Keys: `mu`, `sigma` (pool_3), `mu_s`, `sigma_s` (spatial), `arr_0` (uint8 NHWC images, used
   for precision/recall). The statistics are loaded; the images are streamed on demand.
   """
-  with np.load(path) as f:
+  with paths.as_path(path).open('rb') as fh, np.load(fh) as f:
     missing = [k for k in ('mu', 'sigma', 'mu_s', 'sigma_s') if k not in f.files]
     if missing:
       raise ValueError(f'{path} is not an ADM reference batch: missing keys {missing} (has '
@@ -264,8 +267,15 @@ def _read_npy_header(fp) -> tuple[tuple[int, ...], bool, np.dtype]:
   raise ValueError(f'unsupported .npy format version {version}')
 
 
+@contextlib.contextmanager
+def _open_npz(path: str) -> Iterator[zipfile.ZipFile]:
+  """An .npz (a zip) at a local path or a URL, read in place (ranged reads on object stores)."""
+  with paths.as_path(path).open('rb') as f, zipfile.ZipFile(f) as z:
+    yield z
+
+
 def _npz_array_shape(path: str, key: str) -> tuple[int, ...]:
-  with zipfile.ZipFile(path) as z, z.open(f'{key}.npy') as fp:
+  with _open_npz(path) as z, z.open(f'{key}.npy') as fp:
     return _read_npy_header(fp)[0]
 
 
@@ -274,7 +284,7 @@ def iter_npz_array(path: str, key: str, batch_size: int) -> Iterator[np.ndarray]
 
   A 50k x 256 x 256 x 3 sample batch is 9.8 GB; this reads `batch_size` rows at a time.
   """
-  with zipfile.ZipFile(path) as z:
+  with _open_npz(path) as z:
     if f'{key}.npy' not in z.namelist():
       raise ValueError(f'{path} has no array {key!r} (has {z.namelist()})')
     with z.open(f'{key}.npy') as fp:

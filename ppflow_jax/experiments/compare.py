@@ -31,6 +31,7 @@ from absl import logging
 from ppflow_jax import config_lib
 from ppflow_jax import inference
 from ppflow_jax import loop
+from ppflow_jax import paths
 from ppflow_jax import report
 from ppflow_jax import sampling
 
@@ -72,11 +73,10 @@ def variant_config(v: Variant, steps: int, quick: bool) -> ml_collections.Config
 
 
 def last_loss(workdir: str) -> float | None:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = paths.join(workdir, 'metrics.jsonl')
+  if not paths.exists(path):
     return None
-  with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+  records = [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
   return records[-1]['loss'] if records else None
 
 
@@ -94,15 +94,15 @@ def make_evaluator(cache_dir: str, quick: bool):
 def run(workdir: str, steps: int = 0, num_samples: int = 1000, timing_repeats: int = 3,
         fid_cache: str = '', quick: bool = False) -> list[dict]:
   """Trains, samples, scores and times every variant; writes compare.json / compare.md."""
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if quick:
     num_samples = min(num_samples, 20)
     timing_repeats = 1
-  evaluator = make_evaluator(fid_cache or os.path.join(workdir, 'fmnist_classifier'), quick)
+  evaluator = make_evaluator(fid_cache or paths.join(workdir, 'fmnist_classifier'), quick)
   trained, rows, first_spec = {}, [], None
   for v in VARIANTS:
     config = variant_config(v, steps, quick)
-    vdir = os.path.join(workdir, v.train_as or v.name.replace(' ', '_'))
+    vdir = paths.join(workdir, v.train_as or v.name.replace(' ', '_'))
     if v.train_as:  # the trained weights, sampled with this variant's config.sample
       model, train_s = trained[v.train_as]
       model = dataclasses.replace(model, config=config)
@@ -136,11 +136,15 @@ def run(workdir: str, steps: int = 0, num_samples: int = 1000, timing_repeats: i
     r['speed_vs_ppf2'] = base / r['sample_batch_seconds']
   meta = dict(num_samples=num_samples, quick=quick, device=str(jax.devices()[0]),
               cpu_count=os.cpu_count(), sampler=dataclasses.asdict(first_spec))
-  with open(os.path.join(workdir, 'compare.json'), 'w') as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=2, default=float)
-  with open(os.path.join(workdir, 'compare.md'), 'w') as f:
-    f.write(markdown(rows, meta))
+  write_results(rows, meta, workdir)
   return rows
+
+
+def write_results(rows: list[dict], meta: dict, workdir: str) -> None:
+  """compare.json and compare.md in `workdir` (a local path or a URL)."""
+  paths.write_text(paths.join(workdir, 'compare.json'),
+                   json.dumps(dict(meta=meta, rows=rows), indent=2, default=float))
+  paths.write_text(paths.join(workdir, 'compare.md'), markdown(rows, meta))
 
 
 def _fmt(value, spec: str) -> str:

@@ -41,6 +41,7 @@ from ppflow_jax import errors
 from ppflow_jax import flops
 from ppflow_jax import inference
 from ppflow_jax import loop
+from ppflow_jax import paths
 from ppflow_jax import report
 from ppflow_jax import sampling
 from ppflow_jax.convert import init_from_sit
@@ -80,7 +81,7 @@ def train_models(config: ml_collections.ConfigDict, workdir: str) -> dict:
   models, seconds = {}, {}
   t0 = time.time()
   sit_cfg = make_config(config, 1, finetune=False)
-  trainer, state = loop.train_and_evaluate(sit_cfg, os.path.join(workdir, _DIRS[1]))
+  trainer, state = loop.train_and_evaluate(sit_cfg, paths.join(workdir, _DIRS[1]))
   models[1] = inference.Inference.from_trainer(trainer, state.ema, step=state.step)
   models[0] = inference.Inference.from_trainer(trainer, trainer.init_state().ema)
   seconds['sit'] = time.time() - t0
@@ -88,11 +89,11 @@ def train_models(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for stages in (2, 3):
     t0 = time.time()
     cfg = make_config(config, stages, finetune=True)
-    init_dir = os.path.join(workdir, f'{_DIRS[stages]}_init')
-    if not os.path.isdir(os.path.join(init_dir, checkpoint.PARAMS_DIR)):
+    init_dir = paths.join(workdir, f'{_DIRS[stages]}_init')
+    if not paths.isdir(paths.join(init_dir, checkpoint.PARAMS_DIR)):
       checkpoint.save_params(init_dir, init_from_sit(sit_ema, cfg), cfg)
     cfg.train.init_from = init_dir
-    trainer, state = loop.train_and_evaluate(cfg, os.path.join(workdir, _DIRS[stages]))
+    trainer, state = loop.train_and_evaluate(cfg, paths.join(workdir, _DIRS[stages]))
     models[stages] = inference.Inference.from_trainer(trainer, state.ema, step=state.step)
     seconds[_DIRS[stages]] = time.time() - t0
   return models, seconds
@@ -136,7 +137,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, models: dict,
   """Samples, scores and times every model -> the results dict (also written as JSON)."""
   mr = config.mini_repro
   evaluator = fmnist_features.FMNISTEvaluator(
-      os.path.join(workdir, 'fmnist_classifier'),
+      paths.join(workdir, 'fmnist_classifier'),
       train_steps=mr.classifier_steps or fmnist_features.DEFAULT_TRAIN_STEPS)
   t0 = time.time()
   images, times, labels = sample_interleaved(config, models, seed=1234)
@@ -172,7 +173,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, models: dict,
       jax_version=jax.__version__, code_version=sample_lib.code_version())
   nrow = 10
   grids = [report.to_uint8(np.clip(images[k][:3 * nrow], -1, 1)) for k in sorted(models)]
-  report.save_grid(np.concatenate(grids), os.path.join(workdir, 'samples.png'), nrow, scale=2)
+  report.save_grid(np.concatenate(grids), paths.join(workdir, 'samples.png'), nrow, scale=2)
   return result
 
 
@@ -223,24 +224,26 @@ def plot(result: dict, path: str) -> None:
   ax.set_title('Mini reproduction: quality vs sampling time')
   ax.margins(0.25)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  report.save_figure(fig, path, dpi=110)
 
 
 def run(workdir: str, config: ml_collections.ConfigDict) -> dict:
   """Trains, samples and scores the three models of `config` (configs/mini_repro.py); writes
   results.{json,md} and the plots."""
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   start = time.time()
   models, seconds = train_models(config, workdir)
   result = evaluate(config, workdir, models, seconds)
   result['total_seconds'] = time.time() - start
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(result, f, indent=2)
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(markdown(result))
-  plot(result, os.path.join(workdir, 'fid_vs_time.png'))
+  write_results(result, workdir)
   return result
+
+
+def write_results(result: dict, workdir: str) -> None:
+  """results.json, results.md and fid_vs_time.png in `workdir` (a local path or a URL)."""
+  paths.write_text(paths.join(workdir, 'results.json'), json.dumps(result, indent=2))
+  paths.write_text(paths.join(workdir, 'results.md'), markdown(result))
+  plot(result, paths.join(workdir, 'fid_vs_time.png'))
 
 
 def main(argv):

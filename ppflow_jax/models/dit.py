@@ -161,14 +161,19 @@ class Attention(nnx.Module):
     adapter = functools.partial(lora_lib.maybe_adapter, lora, param_dtype=param_dtype, rngs=rngs)
     self.qkv_lora, self.proj_lora = adapter('qkv', d, 3 * d), adapter('proj', d, d)
 
-  def __call__(self, x: jax.Array, segment_ids: jax.Array | None,
+  def __call__(self, x: jax.Array, layout: TokenLayout | None,
                stage_weights: jax.Array | None = None) -> jax.Array:
-    """x: (B, L, d); segment_ids: (B, L) or None; stage_weights: see MLP -> (B, L, d)."""
+    """x: (B, L, d); layout: packed rows' TokenLayout or None; stage_weights: see MLP
+    -> (B, L, d)."""
     b, l, d = x.shape
     qkv = lora_lib.adapted(self.qkv, self.qkv_lora, x, stage_weights)
     qkv = qkv.reshape(b, l, 3, self.num_heads, d // self.num_heads)
+    segment_ids, row_blocks = None, None
+    if layout is not None:
+      segment_ids = layout.segment_ids
+      row_blocks = tuple((rows, per_row) for rows, per_row, _, _ in layout.groups)
     out = attention_ops.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], segment_ids,
-                                  impl=self.impl)
+                                  impl=self.impl, row_blocks=row_blocks)
     return lora_lib.adapted(self.proj, self.proj_lora, out.reshape(b, l, d), stage_weights)
 
 
@@ -190,8 +195,7 @@ class DiTBlock(nnx.Module):
     x = sharding.constrain(x, ('batch', None, None))  # rows stay data-parallel through packing
     mod = per_token(self.adaLN_modulation(nnx.silu(c)), layout)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-    segment_ids = None if layout is None else layout.segment_ids
-    x = x + gate_msa * self.attn(modulate(layer_norm(x), shift_msa, scale_msa), segment_ids,
+    x = x + gate_msa * self.attn(modulate(layer_norm(x), shift_msa, scale_msa), layout,
                                  stage_weights)
     return x + gate_mlp * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp), stage_weights)
 

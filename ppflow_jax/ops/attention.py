@@ -2,9 +2,9 @@
 
 Every implementation computes, per batch row and head,
   out = softmax(q k^T / sqrt(D) masked to equal segment ids) v,
-so tokens of different packed samples never see each other. The mask is boolean (scores of other
-segments are replaced by a large negative number); an additive 0/1 float mask, as in the official
-PPFlow code, would let packed samples attend to each other.
+so tokens of different packed samples never see each other: scores of other segments get a
+large negative number (exp gives exactly 0); an additive 0/1 float mask, as in the official PPFlow
+code, would let packed samples attend to each other.
 
 Implementations (`impl`, config field `model.attention`):
   'xla'        dense scores in float32 on canonical batched matmuls; the reference and CPU path.
@@ -46,7 +46,8 @@ _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
               impl: str = 'auto',
               mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
-              interpret: bool | None = None) -> jax.Array:
+              interpret: bool | None = None,
+              row_blocks: Sequence[tuple[int, int]] | None = None) -> jax.Array:
   """Multi-head self-attention where tokens attend only within their segment.
 
   Args:
@@ -57,6 +58,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
     mesh: mesh whose batch axes ('data', 'fsdp') shard B and whose 'tensor' axis shards H; kernels
       then run per shard in `jax.shard_map`. None: the ambient mesh of `jax.set_mesh`, if any.
     interpret: run the Pallas kernels in interpret mode; None = only when the backend is CPU.
+    row_blocks: optional static structure of `segment_ids`, as `packing.PackPlan` lays rows out:
+      consecutive groups of (rows, k), the group's rows each holding k equal, aligned segments of
+      L / k tokens (ids as in `segment_ids`; padding slots are segments too). Sums of rows = B.
+      The XLA path then attends within each group's (rows * k, L / k) blocks unmasked: the same
+      result with k times fewer scores (docs/attention.md). Ignored by the kernels and when the
+      batch is sharded over the mesh (its groups need not start on shard boundaries).
 
   The backend is the platform of the mesh's devices (`mesh`, else the ambient one), so a program
   compiled ahead of time for a TPU topology from a CPU host gets the Mosaic TPU kernels; without
@@ -70,6 +77,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
   chosen = select_impl(impl, backend=backend, segmented=segment_ids is not None, dtype=q.dtype,
                        seq_len=q.shape[1], head_dim=q.shape[3])
   if chosen == 'xla':  # plain XLA ops: the partitioner shards them like the rest of the model.
+    if segment_ids is not None and row_blocks is not None and _shards(mesh)[0] == 1:
+      return _blockwise_xla_attention(q, k, v, row_blocks)
     return _xla_attention(q, k, v, segment_ids)
   if interpret is None:
     interpret = backend == 'cpu'
@@ -146,13 +155,30 @@ def _xla_attention(q, k, v, segment_ids):
   q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, H, L, D)
   s = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
   if segment_ids is not None:
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, Lq, Lk)
-    s = jnp.where(same[:, None], s, _MASK_VALUE)
+    # One (B, 1, Lq, Lk) bias shared by the heads: adding it is cheaper on CPU than a select per
+    # score (measured, docs/attention.md), and exp(s + _MASK_VALUE - max) is exactly 0 all the same.
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    s = s + jnp.where(same, 0.0, _MASK_VALUE)
   # The max only shifts the exponent (it cancels in the ratio), so it needs no gradient.
   e = jnp.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True)))
   out = jnp.einsum('bhqk,bhkd->bhqd', e.astype(v.dtype), v, preferred_element_type=jnp.float32)
   out = out / e.sum(axis=-1, keepdims=True)
   return out.transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+def _blockwise_xla_attention(q, k, v, row_blocks):
+  """`_xla_attention` with each group's aligned segments as rows of their own: (B, L, H, D)."""
+  b, l, h, d = q.shape
+  if sum(rows for rows, _ in row_blocks) != b or any(l % per_row for _, per_row in row_blocks):
+    raise ValueError(f'row_blocks {tuple(row_blocks)} do not tile a batch of {b} rows of {l} '
+                     'tokens into aligned segments.')
+  out, start = [], 0
+  for rows, per_row in row_blocks:
+    split = lambda x: x[start:start + rows].reshape(rows * per_row, l // per_row, h, d)
+    blocks = _xla_attention(split(q), split(k), split(v), None)
+    out.append(blocks.reshape(rows, l, h, d))
+    start += rows
+  return jnp.concatenate(out)
 
 
 def _splash_attention(q, k, v, segment_ids, *, interpret: bool):
@@ -218,19 +244,15 @@ def _per_shard(kernel, q, k, v, segment_ids, mesh):
   if segment_ids is not None:
     segment_ids = segment_ids.astype(jnp.int32)
   mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-  manual = set(mesh.manual_axes)
-  sizes = {} if mesh.empty else dict(mesh.shape)
-  batch_axes = tuple(a for a in BATCH_AXES if a in sizes and a not in manual)
-  head_axis = HEAD_AXIS if HEAD_AXIS in sizes and HEAD_AXIS not in manual else None
-  batch_shards = math.prod(sizes[a] for a in batch_axes)
-  head_shards = sizes[head_axis] if head_axis else 1
+  batch_shards, head_shards, batch_axes, head_axis = _shards(mesh)
   if batch_shards * head_shards == 1:
     return kernel(q, k, v, segment_ids)
   b, _, h, _ = q.shape
   if b % batch_shards or h % head_shards:
     raise ValueError(
-        f'attention on mesh {sizes}: batch {b} must divide by {batch_axes} = {batch_shards} and '
-        f'heads {h} by {head_axis!r} = {head_shards}; change the batch size or the mesh.')
+        f'attention on mesh {dict(mesh.shape)}: batch {b} must divide by {batch_axes} = '
+        f'{batch_shards} and heads {h} by {head_axis!r} = {head_shards}; change the batch size '
+        'or the mesh.')
   qkv_spec = P(batch_axes or None, None, head_axis, None)
   ids_spec = P(batch_axes or None, None)
   if set(mesh.explicit_axes) & {*batch_axes, head_axis}:  # explicit axes: shard_map won't reshard.
@@ -245,6 +267,17 @@ def _per_shard(kernel, q, k, v, segment_ids, mesh):
   fn = jax.shard_map(kernel, mesh=mesh, in_specs=(qkv_spec,) * 3 + (ids_spec,),
                      out_specs=qkv_spec, check_vma=False)
   return fn(q, k, v, segment_ids)
+
+
+def _shards(mesh):
+  """(batch shards, head shards, batch axes, head axis) of the mesh's axes that are not manual."""
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  manual = set(mesh.manual_axes)
+  sizes = {} if mesh.empty else dict(mesh.shape)
+  batch_axes = tuple(a for a in BATCH_AXES if a in sizes and a not in manual)
+  head_axis = HEAD_AXIS if HEAD_AXIS in sizes and HEAD_AXIS not in manual else None
+  return (math.prod(sizes[a] for a in batch_axes), sizes[head_axis] if head_axis else 1,
+          batch_axes, head_axis)
 
 
 def _round_up(n: int, multiple: int) -> int:
