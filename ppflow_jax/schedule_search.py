@@ -407,13 +407,16 @@ def pareto_plot(result: dict, path: str) -> None:
     for a, y in ((ax, 'proxy'), (axes[0, 1] if has_fid else None, 'fid')):
       if a is not None and y in r:
         a.scatter([r['flops_ratio']], [r[y]], marker=marker, s=80, label=name)
+    if has_fid and r.get('fid_std'):  # the spread over sampling seeds
+      axes[0, 1].errorbar([r['flops_ratio']], [r['fid']], yerr=[r['fid_std']], fmt='none',
+                          ecolor='0.5', capsize=3)
   ax.set_xlabel('Testing FLOPs / finest patch')
   ax.set_ylabel('proxy: velocity MSE vs finest patch')
   ax.set_yscale('symlog', linthresh=1e-4)
   ax.legend(fontsize=6)
   if has_fid:
     axes[0, 1].set_xlabel('Testing FLOPs / finest patch')
-    axes[0, 1].set_ylabel('Fashion-MNIST FID')
+    axes[0, 1].set_ylabel('Fashion-MNIST FID (mean ± std over sampling seeds)')
     axes[0, 1].legend(fontsize=6)
   fig.tight_layout()
   report.save_figure(fig, path, dpi=110)

@@ -84,6 +84,8 @@ TABLES = (
     Table('mini_repro', ('docs/mini_repro.md',), 'docs/mini_repro_results.json', mini_repro_table),
     Table('mini_repro_ft50', ('docs/mini_repro.md',), 'docs/mini_repro_ft50_results.json',
           mini_repro_table),
+    Table('schedule_search_flexidit3', ('docs/beyond_paper.md',),
+          'docs/schedule_search_flexidit3.json', schedule_search_table),
     Table('schedule_search_ppflow', ('docs/beyond_paper.md',), 'docs/schedule_search_ppflow.json',
           schedule_search_table),
 )
