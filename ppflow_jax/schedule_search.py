@@ -115,16 +115,17 @@ def in_trained_ranges(config: ml_collections.ConfigDict, c: Candidate) -> bool:
 
 
 def flops_ratio(config: ml_collections.ConfigDict, c: Candidate,
-                finest_flops: float | None = None) -> float:
-  """Testing FLOPs of sampling with `c` over the model's finest patch at every evaluation."""
+                finest_flops: float | None = None, key: str = 'flops') -> float:
+  """Testing FLOPs of sampling with `c` over the model's finest patch at every evaluation;
+  key='flops_with_cfg' counts CFG passes on both sides (flops.testing_flops_ratio's cfg=True)."""
   if finest_flops is None:
-    finest_flops = finest_reference_flops(config)
-  return flops.sampling_flops(candidate_config(config, c))['flops'] / finest_flops
+    finest_flops = finest_reference_flops(config, key)
+  return flops.sampling_flops(candidate_config(config, c))[key] / finest_flops
 
 
-def finest_reference_flops(config: ml_collections.ConfigDict) -> float:
+def finest_reference_flops(config: ml_collections.ConfigDict, key: str = 'flops') -> float:
   spec = sampling.SamplerSpec.from_config(config, force_finest=True)
-  return flops.sampling_flops(config, spec)['flops']
+  return flops.sampling_flops(config, spec)[key]
 
 
 class StageMap(nnx.Module):
@@ -295,6 +296,7 @@ def search(model: inference.Inference, heldout: tuple[np.ndarray, np.ndarray],
   """The whole search on `model` with held-out (images, labels); returns the JSON-able result."""
   config = model.config
   finest = finest_reference_flops(config)
+  finest_cfg = finest_reference_flops(config, 'flops_with_cfg')
   own = Candidate(tuple(range(len(model.schedule))), tuple(model.schedule.boundaries))
   hand = hand_set(config)
   budget_args = (tuple(settings.budget) if isinstance(settings.budget, (tuple, list))
@@ -333,7 +335,11 @@ def search(model: inference.Inference, heldout: tuple[np.ndarray, np.ndarray],
   confirmed = confirm(model, named, evaluator, settings.num_samples, settings.timing_repeats,
                       tuple(settings.sampling_seeds))
   for name, c in named.items():
+    # The budget is in Testing FLOPs (no CFG passes); as run, stages with a CFG scale != 1 cost
+    # two passes, so a schedule that moves guided stages earlier costs more than its price says.
     confirmed[name].update(flops_ratio=flops_ratio(config, c, finest),
+                           flops_ratio_with_cfg=flops_ratio(config, c, finest_cfg,
+                                                            'flops_with_cfg'),
                            proxy=proxy_score(c, errors, times), stages=list(c.stages),
                            boundaries=list(c.boundaries))
   metric = 'fid' if evaluator is not None else 'proxy'

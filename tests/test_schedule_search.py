@@ -89,6 +89,8 @@ def test_search_on_a_tiny_model(tmp_path):
   assert chosen['flops_ratio'] <= at_hand['ratio'] + 1e-9
   # The hand-set schedule is on the grid, so the searched one is at least as good by the proxy.
   assert chosen['proxy'] <= rows[hand[0]]['proxy']
+  assert rows[hand[0]]['flops_ratio_with_cfg'] == pytest.approx(
+      flops.testing_flops_ratio(config, cfg=True))
   # The same schedule searched under both budgets is sampled once; each seed has its own noise.
   assert rows[at_ppf2['chosen']]['same_schedule_as'] == at_hand['chosen']
   assert rows[at_ppf2['chosen']]['fid_per_seed'] == chosen['fid_per_seed']
