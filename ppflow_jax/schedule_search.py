@@ -12,14 +12,16 @@ trained time range, and the search keeps to those ranges (and says so). The sear
    `num_times` midpoint times t, the guided velocity of every model stage at x_t against the
    finest stage's, mean squared; a candidate's proxy is the mean over t of its stage's error
    (computed once per stage and time, so every candidate is scored for free);
-4. confirms the best few under the budget, the finest-only reference and the paper's hand-set
+4. confirms the best few under each budget, the finest-only reference and the paper's hand-set
    schedules (those whose patches the model has) with the real metric, the Fashion-MNIST FID of
-   sampled images, and times them side by side in one process;
+   sampled images for each sampling seed (mean and spread), and times them side by side in one
+   process;
 5. writes `search.json`, `override.txt` (the chosen schedule as config overrides) and
    `pareto.png` (FLOPs vs proxy, and FLOPs vs FID of the confirmed ones, hand-set ones marked).
 
   python -m ppflow_jax.schedule_search --config=configs/default_flexidit.py --workdir=RUN \\
-      --budget=0.5          # or --budget=hand: the FLOPs of the config's own schedule
+      --budget=0.5          # or hand (the config's own schedule's FLOPs), PPF-2, PPF-3 (a
+                            # hand-set schedule's), or several: --budget=PPF-2,PPF-3
 
 A candidate that uses a subset of the model's stages samples through `StageMap` (candidate
 stage i runs model stage `stages[i]`); the override string applies as is only to candidates that
@@ -95,30 +97,35 @@ def enumerate_candidates(config: ml_collections.ConfigDict, grid: float,
   of `grid`, each candidate stage inside its model stage's trained range."""
   n = len(config.schedule.patch_sizes)
   points = [round(k * grid, 10) for k in range(1, int(round(1 / grid)))]
-  ranges = trained_ranges(config)
   out = []
   for k in range(1, min(max_stages, n) + 1):
     for subset in itertools.combinations(range(n), k):
       for bounds in itertools.combinations(points, k - 1):
         c = Candidate(subset, tuple(bounds))
-        edges = c.edges()
-        if all(ranges[s][0] - 1e-9 <= edges[i] and edges[i + 1] <= ranges[s][1] + 1e-9
-               for i, s in enumerate(subset)):
+        if in_trained_ranges(config, c):
           out.append(c)
   return out
 
 
+def in_trained_ranges(config: ml_collections.ConfigDict, c: Candidate) -> bool:
+  """Whether each stage of `c` runs its model stage only on times that stage was trained on."""
+  ranges, edges = trained_ranges(config), c.edges()
+  return all(ranges[s][0] - 1e-9 <= edges[i] and edges[i + 1] <= ranges[s][1] + 1e-9
+             for i, s in enumerate(c.stages))
+
+
 def flops_ratio(config: ml_collections.ConfigDict, c: Candidate,
-                finest_flops: float | None = None) -> float:
-  """Testing FLOPs of sampling with `c` over the model's finest patch at every evaluation."""
+                finest_flops: float | None = None, key: str = 'flops') -> float:
+  """Testing FLOPs of sampling with `c` over the model's finest patch at every evaluation;
+  key='flops_with_cfg' counts CFG passes on both sides (flops.testing_flops_ratio's cfg=True)."""
   if finest_flops is None:
-    finest_flops = finest_reference_flops(config)
-  return flops.sampling_flops(candidate_config(config, c))['flops'] / finest_flops
+    finest_flops = finest_reference_flops(config, key)
+  return flops.sampling_flops(candidate_config(config, c))[key] / finest_flops
 
 
-def finest_reference_flops(config: ml_collections.ConfigDict) -> float:
+def finest_reference_flops(config: ml_collections.ConfigDict, key: str = 'flops') -> float:
   spec = sampling.SamplerSpec.from_config(config, force_finest=True)
-  return flops.sampling_flops(config, spec)['flops']
+  return flops.sampling_flops(config, spec)[key]
 
 
 class StageMap(nnx.Module):
@@ -198,6 +205,18 @@ def hand_set(config: ml_collections.ConfigDict) -> dict[str, Candidate]:
   return out
 
 
+def budget_ratio(config: ml_collections.ConfigDict, budget: float | str,
+                 named: dict[str, Candidate], finest: float) -> float:
+  """`budget` as a fraction of finest-patch FLOPs: a number as is, a name of `named` as that
+  schedule's FLOPs ratio."""
+  if isinstance(budget, str):
+    if budget not in named:
+      raise ValueError(f'--budget={budget!r} is neither a number nor one of {sorted(named)} '
+                       '(the hand-set schedules whose patches this model has)')
+    return flops_ratio(config, named[budget], finest)
+  return float(budget)
+
+
 def override_string(config: ml_collections.ConfigDict, c: Candidate) -> str:
   """Config overrides that sample `c` with this model (valid when `c` uses every model stage;
   the schedule is a guarded checkpoint field, hence allow_model_mismatch)."""
@@ -217,28 +236,50 @@ def candidate_sampler(model: inference.Inference, c: Candidate, **spec_overrides
   return mapped.sampler(**spec_overrides), state
 
 
+def sampling_labels(num_samples: int, num_classes: int, seed: int) -> np.ndarray:
+  """Class-balanced labels (num_samples,) in an order drawn from `seed`."""
+  return np.random.default_rng(seed).permutation(np.arange(num_samples) % num_classes
+                                                 ).astype(np.int32)
+
+
 def confirm(model: inference.Inference, named: dict[str, Candidate], evaluator, num_samples: int,
-            timing_repeats: int = 3) -> dict[str, dict]:
-  """FID (if `evaluator`) and steady seconds per batch of each candidate, side by side."""
+            timing_repeats: int = 3, seeds: tuple[int, ...] = (0,)) -> dict[str, dict]:
+  """Per candidate: the FID (if `evaluator`) of `num_samples` samples for each sampling seed
+  (its own noise and label order), their mean and spread, and the steady seconds per batch
+  (timed once, on the first seed's batches), side by side in this process."""
   config = model.config
-  labels = np.arange(num_samples, dtype=np.int32) % config.model.num_classes
   bs, out = config.sample.batch_size, {}
+  first_name = {}
   for name, c in named.items():
+    if c in first_name:  # a searched schedule that is also a hand-set one is sampled once
+      out[name] = dict(out[first_name[c]], same_schedule_as=first_name[c])
+      continue
+    first_name[c] = name
     sampler, state = candidate_sampler(model, c)
-    images, timings = sampling.sample_in_chunks(sampler, state, model.latent_shape, labels,
-                                                config.seed, bs)
-    steady = sampling.steady_timings(sampler, state, model.latent_shape, labels, bs, timings,
-                                     timing_repeats)
-    row = dict(batch_seconds=float(np.median([t.seconds for t in steady])), batch_size=bs)
-    if evaluator is not None:
-      row['fid'] = float(evaluator.score(np.clip(images, -1.0, 1.0), labels)['fid'])
+    fids, row = [], dict(batch_size=bs, seeds=list(seeds))
+    for k, seed in enumerate(seeds):
+      labels = sampling_labels(num_samples, config.model.num_classes, seed)
+      images, timings = sampling.sample_in_chunks(sampler, state, model.latent_shape, labels,
+                                                  seed, bs)
+      if k == 0:
+        steady = sampling.steady_timings(sampler, state, model.latent_shape, labels, bs, timings,
+                                         timing_repeats)
+        row['batch_seconds'] = float(np.median([t.seconds for t in steady]))
+      if evaluator is not None:
+        fids.append(float(evaluator.score(np.clip(images, -1.0, 1.0), labels)['fid']))
+    if fids:
+      row.update(fid=float(np.mean(fids)), fid_std=float(np.std(fids, ddof=1)) if len(fids) > 1
+                 else 0.0, fid_per_seed=fids)
     out[name] = row
   return out
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchSettings:
-  budget: float | str = 0.5     # fraction of finest-patch Testing FLOPs, or 'hand'
+  # Fraction of finest-patch Testing FLOPs, 'hand' (the config's own schedule's) or a hand-set
+  # schedule's label ('PPF-2', 'PPF-3': its FLOPs on this model); or a tuple of those, searched
+  # together (the proxy and the hand-set / finest rows are shared).
+  budget: float | str | tuple = 0.5
   grid: float = 0.125           # boundary grid
   max_stages: int = 3
   num_times: int = 32           # proxy time points (bin midpoints)
@@ -246,7 +287,8 @@ class SearchSettings:
   confirm: int = 3              # best candidates under the budget confirmed with FID
   num_samples: int = 200        # samples per confirmed candidate for the FID
   timing_repeats: int = 3       # timed batches per confirmed candidate (after compiling)
-  seed: int = 0
+  seed: int = 0                 # proxy noise and held-out images
+  sampling_seeds: tuple[int, ...] = (0,)  # FID of each confirmed candidate per seed
 
 
 def search(model: inference.Inference, heldout: tuple[np.ndarray, np.ndarray],
@@ -254,9 +296,11 @@ def search(model: inference.Inference, heldout: tuple[np.ndarray, np.ndarray],
   """The whole search on `model` with held-out (images, labels); returns the JSON-able result."""
   config = model.config
   finest = finest_reference_flops(config)
+  finest_cfg = finest_reference_flops(config, 'flops_with_cfg')
   own = Candidate(tuple(range(len(model.schedule))), tuple(model.schedule.boundaries))
-  budget = (flops_ratio(config, own, finest) if settings.budget == 'hand'
-            else float(settings.budget))
+  hand = hand_set(config)
+  budget_args = (tuple(settings.budget) if isinstance(settings.budget, (tuple, list))
+                 else (settings.budget,))
   times = (np.arange(settings.num_times) + 0.5) / settings.num_times
   images, labels = heldout
   errors = velocity_errors(model, images[:settings.proxy_images],
@@ -266,40 +310,85 @@ def search(model: inference.Inference, heldout: tuple[np.ndarray, np.ndarray],
     rows.append(dict(stages=list(c.stages), boundaries=list(c.boundaries), label=c.label(config),
                      flops_ratio=flops_ratio(config, c, finest),
                      proxy=proxy_score(c, errors, times)))
-  within = sorted((r for r in rows if r['flops_ratio'] <= budget + 1e-9), key=lambda r: r['proxy'])
-  if not within:
-    raise ValueError(f'no candidate schedule fits --budget={budget:.3f} of the finest-patch '
-                     'FLOPs; raise the budget or refine --grid')
-  front = pareto_front([(r['flops_ratio'], r['proxy']) for r in rows])
-  for i in front:
+  for i in pareto_front([(r['flops_ratio'], r['proxy']) for r in rows]):
     rows[i]['pareto'] = True
   as_candidate = lambda r: Candidate(tuple(r['stages']), tuple(r['boundaries']))
-  named = {f"searched #{i + 1}: {r['label']}": as_candidate(r)
-           for i, r in enumerate(within[:settings.confirm])}
-  hand = hand_set(config)
-  named.update({f'hand-set {k}: {c.label(config)}': c for k, c in hand.items()})
+  named, budgets = {}, []
+  for arg in budget_args:
+    ratio = budget_ratio(config, arg, dict(hand, hand=own), finest)
+    within = sorted((r for r in rows if r['flops_ratio'] <= ratio + 1e-9), key=lambda r: r['proxy'])
+    if not within:
+      raise ValueError(f'no candidate schedule fits --budget={arg} ({ratio:.3f} of the '
+                       'finest-patch FLOPs); raise the budget or refine --grid')
+    tag = arg if isinstance(arg, str) else f'{ratio:.3f}'
+    searched = {f"searched #{i + 1} at {tag}: {r['label']}": as_candidate(r)
+                for i, r in enumerate(within[:settings.confirm])}
+    named.update(searched)
+    budgets.append(dict(arg=arg, ratio=ratio, num_within_budget=len(within),
+                        searched=list(searched)))
+  # References outside the trained ranges (the finest patch alone, for a ppflow-regime model)
+  # are left out, as the search leaves out such candidates.
   finest_only = Candidate((len(model.schedule) - 1,), ())
-  named[f'finest only: {finest_only.label(config)}'] = finest_only
-  confirmed = confirm(model, named, evaluator, settings.num_samples, settings.timing_repeats)
+  references = {f'hand-set {k}: {c.label(config)}': c for k, c in hand.items()}
+  references[f'finest only: {finest_only.label(config)}'] = finest_only
+  named.update({k: c for k, c in references.items() if in_trained_ranges(config, c)})
+  confirmed = confirm(model, named, evaluator, settings.num_samples, settings.timing_repeats,
+                      tuple(settings.sampling_seeds))
   for name, c in named.items():
+    # The budget is in Testing FLOPs (no CFG passes); as run, stages with a CFG scale != 1 cost
+    # two passes, so a schedule that moves guided stages earlier costs more than its price says.
     confirmed[name].update(flops_ratio=flops_ratio(config, c, finest),
+                           flops_ratio_with_cfg=flops_ratio(config, c, finest_cfg,
+                                                            'flops_with_cfg'),
                            proxy=proxy_score(c, errors, times), stages=list(c.stages),
                            boundaries=list(c.boundaries))
-  searched = [n for n in named if n.startswith('searched')]
   metric = 'fid' if evaluator is not None else 'proxy'
-  chosen = min(searched, key=lambda n: confirmed[n][metric])
+  for b in budgets:
+    b['chosen'] = min(b['searched'], key=lambda n: confirmed[n][metric])
+    chosen = named[b['chosen']]
+    b['override'] = (override_string(config, chosen) if len(chosen.stages) == len(model.schedule)
+                     else None)
+  ranges = ', '.join(f"{'x'.join(map(str, p))} on [{a:g}, {b:g}]"
+                     for p, (a, b) in zip(config.schedule.patch_sizes, trained_ranges(config)))
   restricted = config.train.regime not in ALL_TIME_REGIMES
   return dict(
-      budget=budget, budget_arg=settings.budget, settings=dataclasses.asdict(settings),
-      regime=config.train.regime,
-      restriction=('ppflow regime: each patch only on the time range it was trained on, so '
-                   'only schedules inside those ranges are searched' if restricted else
+      budgets=budgets, settings=dataclasses.asdict(settings), regime=config.train.regime,
+      restriction=(f'restricted to the trained ranges ({ranges}): only schedules inside them are '
+                   'searched or confirmed' if restricted else
                    'every patch was trained at every t: any schedule is searched'),
-      num_candidates=len(rows), num_within_budget=len(within), times=times.tolist(),
-      stage_errors=errors.tolist(), candidates=rows, confirmed=confirmed, chosen=chosen,
-      chosen_by=metric, override=override_string(config, named[chosen])
-      if len(named[chosen].stages) == len(model.schedule) else None,
-      device=str(jax.devices()[0]), cpu_count=os.cpu_count())
+      num_candidates=len(rows), times=times.tolist(), stage_errors=errors.tolist(),
+      candidates=rows, confirmed=confirmed, chosen_by=metric, device=str(jax.devices()[0]),
+      cpu_count=os.cpu_count())
+
+
+def _count(n: int, noun: str) -> str:
+  return f"{n} {noun}{'s' * (n != 1)}"
+
+
+def markdown(result: dict) -> str:
+  """The search's budgets and its confirmed schedules as Markdown (the docs table, rendered by
+  `python -m ppflow_jax.tables`)."""
+  rows = result['confirmed']
+  first = next(iter(rows.values()))
+  chosen = {b['chosen'] for b in result['budgets']}
+  cell = lambda name: name.replace('|', '\\|')  # patch labels hold '|'
+  lines = [f"Regime `{result['regime']}`: {result['restriction']}; "
+           f"{_count(result['num_candidates'], 'candidate')}."] + [
+      f"Budget {b['arg']} = {b['ratio']:.3f} of the finest-patch Testing FLOPs: "
+      f"{_count(b['num_within_budget'], 'candidate')} within it; chosen by "
+      f"{result['chosen_by']}: {cell(b['chosen'])}." for b in result['budgets']] + [
+      '', f"| schedule | Testing FLOPs / finest | proxy (velocity MSE vs finest) | FID, mean ± std "
+      f"over sampling seeds {','.join(map(str, first['seeds']))} "
+      f"({result['settings']['num_samples']} samples each) | FID per seed | "
+      f"s / batch of {first['batch_size']} |", '|---|---|---|---|---|---|']
+  for name, r in rows.items():
+    fid = f"{r['fid']:.2f} ± {r['fid_std']:.2f}" if 'fid' in r else '-'
+    per_seed = ', '.join(f'{f:.1f}' for f in r.get('fid_per_seed', [])) or '-'
+    seconds = (f"= {r['same_schedule_as'].split(':')[0]}" if 'same_schedule_as' in r
+               else f"{r['batch_seconds']:.2f}")
+    lines.append(f"| {cell(name)}{' **(chosen)**' if name in chosen else ''} | "
+                 f"{r['flops_ratio']:.3f} | {r['proxy']:.4f} | {fid} | {per_seed} | {seconds} |")
+  return '\n'.join(lines)
 
 
 def pareto_plot(result: dict, path: str) -> None:
@@ -316,19 +405,24 @@ def pareto_plot(result: dict, path: str) -> None:
              label='candidates')
   front = sorted((r for r in rows if r.get('pareto')), key=lambda r: r['flops_ratio'])
   ax.plot([r['flops_ratio'] for r in front], [r['proxy'] for r in front], 'b.-', label='Pareto front')
-  ax.axvline(result['budget'], color='k', ls=':', label=f"budget {result['budget']:.3f}")
+  chosen = {b['chosen'] for b in result['budgets']}
+  for b in result['budgets']:
+    ax.axvline(b['ratio'], color='k', ls=':', label=f"budget {b['arg']} = {b['ratio']:.3f}")
   for name, r in result['confirmed'].items():
-    marker = '*' if name.startswith('hand-set') else ('o' if name == result['chosen'] else 'x')
+    marker = '*' if name.startswith('hand-set') else ('o' if name in chosen else 'x')
     for a, y in ((ax, 'proxy'), (axes[0, 1] if has_fid else None, 'fid')):
       if a is not None and y in r:
         a.scatter([r['flops_ratio']], [r[y]], marker=marker, s=80, label=name)
+    if has_fid and r.get('fid_std'):  # the spread over sampling seeds
+      axes[0, 1].errorbar([r['flops_ratio']], [r['fid']], yerr=[r['fid_std']], fmt='none',
+                          ecolor='0.5', capsize=3)
   ax.set_xlabel('Testing FLOPs / finest patch')
   ax.set_ylabel('proxy: velocity MSE vs finest patch')
   ax.set_yscale('symlog', linthresh=1e-4)
   ax.legend(fontsize=6)
   if has_fid:
     axes[0, 1].set_xlabel('Testing FLOPs / finest patch')
-    axes[0, 1].set_ylabel('Fashion-MNIST FID')
+    axes[0, 1].set_ylabel('Fashion-MNIST FID (mean ± std over sampling seeds)')
     axes[0, 1].legend(fontsize=6)
   fig.tight_layout()
   report.save_figure(fig, path, dpi=110)
@@ -367,25 +461,34 @@ def run(config: ml_collections.ConfigDict, workdir: str, settings: SearchSetting
 def write_results(result: dict, out_dir: str) -> None:
   """search.json, override.txt and pareto.png in `out_dir` (a local path or a URL)."""
   paths.write_text(paths.join(out_dir, 'search.json'), json.dumps(result, indent=2))
-  paths.write_text(paths.join(out_dir, 'override.txt'),
-                   (result['override'] or 'the chosen schedule uses a subset of the model stages; '
-                    'see search.json') + '\n')
+  paths.write_text(paths.join(out_dir, 'override.txt'), ''.join(
+      f"# budget {b['arg']}: {b['chosen']}\n" + (b['override'] or 'the chosen schedule uses a '
+                                                 'subset of the model stages; see search.json')
+      + '\n' for b in result['budgets']))
   pareto_plot(result, paths.join(out_dir, 'pareto.png'))
+
+
+def _number_or_name(budget: str) -> float | str:
+  try:
+    return float(budget)
+  except ValueError:
+    return budget
 
 
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   f = flags.FLAGS
-  budget = f.budget if f.budget == 'hand' else float(f.budget)
-  settings = SearchSettings(budget=budget, grid=f.grid, max_stages=f.max_stages,
-                            confirm=f.confirm, num_samples=f.num_samples, seed=f.seed)
+  settings = SearchSettings(budget=tuple(_number_or_name(b) for b in f.budget), grid=f.grid,
+                            max_stages=f.max_stages, confirm=f.confirm,
+                            num_samples=f.num_samples, seed=f.seed, sampling_seeds=tuple(int(s) for s in f.sampling_seeds))
   result = run(f.config, f.workdir, settings, f.out, f.fid_cache)
-  print(json.dumps({k: result[k] for k in ('budget', 'restriction', 'num_candidates',
-                                           'num_within_budget', 'chosen', 'override')}, indent=2))
+  print(json.dumps({k: result[k] for k in ('budgets', 'regime', 'restriction', 'num_candidates')},
+                   indent=2))
   for name, r in result['confirmed'].items():
     print(f"{name:55s} FLOPs {r['flops_ratio']:.3f}  proxy {r['proxy']:.4f}  "
-          f"FID {r.get('fid', float('nan')):.2f}  {r['batch_seconds']:.3f} s/batch")
+          f"FID {r.get('fid', float('nan')):.2f} ± {r.get('fid_std', float('nan')):.2f}  "
+          f"{r['batch_seconds']:.3f} s/batch")
 
 
 if __name__ == '__main__':
@@ -393,13 +496,16 @@ if __name__ == '__main__':
   from ppflow_jax import cli  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', None, 'Config file of the trained model.')
   flags.DEFINE_string('workdir', None, 'The trained run (checkpoints or converted params).')
-  flags.DEFINE_string('budget', '0.5', "Fraction of finest-patch Testing FLOPs, or 'hand' (the "
-                      "config's own schedule's FLOPs).")
+  flags.DEFINE_list('budget', ['0.5'], "Budgets, each a fraction of finest-patch Testing FLOPs, "
+                    "'hand' (the config's own schedule's FLOPs) or a hand-set schedule's ('PPF-2', "
+                    "'PPF-3'); one search, confirmed rows shared.")
   flags.DEFINE_float('grid', 0.125, 'Boundary grid step.')
   flags.DEFINE_integer('max_stages', 3, 'Most stages per candidate.')
   flags.DEFINE_integer('confirm', 3, 'Best candidates under the budget confirmed with the FID.')
   flags.DEFINE_integer('num_samples', 200, 'Samples per confirmed schedule for the FID.')
   flags.DEFINE_integer('seed', 0, 'Seed of the proxy noise and held-out images.')
+  flags.DEFINE_list('sampling_seeds', ['0'], 'Sampling seeds of the FID of each confirmed '
+                    'schedule (own noise and label order each); mean and spread reported.')
   flags.DEFINE_string('out', '', 'Output directory (default WORKDIR/schedule_search).')
   flags.DEFINE_string('fid_cache', '', 'Fashion-MNIST classifier cache (default in WORKDIR).')
   flags.mark_flags_as_required(['config', 'workdir'])

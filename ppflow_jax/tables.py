@@ -8,7 +8,7 @@ A generated table sits between two markers in its Markdown file,
 
 and is rendered from its JSON artifact (written by the run that measured it: the default run's
 `report.json`, the comparison's `compare.json`, the mini reproduction's `results.json`, a
-benchmark's `--json`) with the same formatting code as that run's own Markdown.
+benchmark's `--json`, a schedule search's `search.json`) with the same formatting code as that run's own Markdown.
 
   python -m ppflow_jax.tables           # rewrite the tables from the JSON files
   python -m ppflow_jax.tables --check   # exit 1 if a table differs from its JSON
@@ -57,6 +57,12 @@ def bench_table(result: dict) -> str:
   return common.markdown_table(*module.table(result))
 
 
+def schedule_search_table(result: dict) -> str:
+  """A schedule search's budgets and confirmed schedules (schedule_search.py's search.json)."""
+  from ppflow_jax import schedule_search  # pylint: disable=g-import-not-at-top
+  return schedule_search.markdown(result)
+
+
 @dataclasses.dataclass(frozen=True)
 class Table:
   name: str
@@ -78,6 +84,10 @@ TABLES = (
     Table('mini_repro', ('docs/mini_repro.md',), 'docs/mini_repro_results.json', mini_repro_table),
     Table('mini_repro_ft50', ('docs/mini_repro.md',), 'docs/mini_repro_ft50_results.json',
           mini_repro_table),
+    Table('schedule_search_flexidit3', ('docs/beyond_paper.md',),
+          'docs/schedule_search_flexidit3.json', schedule_search_table),
+    Table('schedule_search_ppflow', ('docs/beyond_paper.md',), 'docs/schedule_search_ppflow.json',
+          schedule_search_table),
 )
 
 
