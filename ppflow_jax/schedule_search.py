@@ -6,8 +6,10 @@ trained time range, and the search keeps to those ranges (and says so). The sear
 
 1. enumerates candidates: an increasing subset of the model's stages (coarsest first, so each
    candidate stage picks a patch the model has projections for) and boundaries on a grid;
-2. prices each with flops.py: Testing FLOPs relative to the model's finest patch at every
-   evaluation (the paper's "Testing FLOPs", no CFG passes), under `config.sample`'s sampler;
+2. prices each with flops.py, relative to the model's finest patch at every evaluation under
+   `config.sample`'s sampler: by default the FLOPs as the samplers run them, CFG passes
+   included (`price='as_run'`), or the paper's "Testing FLOPs", which leave them out
+   (`price='testing'`; a schedule can then buy quality by moving guided stages earlier);
 3. scores each with a cheap proxy from the model itself: on held-out images x1 and noise x0, at
    `num_times` midpoint times t, the guided velocity of every model stage at x_t against the
    finest stage's, mean squared; a candidate's proxy is the mean over t of its stage's error
@@ -206,14 +208,14 @@ def hand_set(config: ml_collections.ConfigDict) -> dict[str, Candidate]:
 
 
 def budget_ratio(config: ml_collections.ConfigDict, budget: float | str,
-                 named: dict[str, Candidate], finest: float) -> float:
-  """`budget` as a fraction of finest-patch FLOPs: a number as is, a name of `named` as that
-  schedule's FLOPs ratio."""
+                 named: dict[str, Candidate], finest: float, key: str = 'flops') -> float:
+  """`budget` as a fraction of finest-patch FLOPs (`key` of flops.sampling_flops): a number as
+  is, a name of `named` as that schedule's FLOPs ratio."""
   if isinstance(budget, str):
     if budget not in named:
       raise ValueError(f'--budget={budget!r} is neither a number nor one of {sorted(named)} '
                        '(the hand-set schedules whose patches this model has)')
-    return flops_ratio(config, named[budget], finest)
+    return flops_ratio(config, named[budget], finest, key)
   return float(budget)
 
 
@@ -274,9 +276,14 @@ def confirm(model: inference.Inference, named: dict[str, Candidate], evaluator, 
   return out
 
 
+# What a candidate costs: flops.sampling_flops's key, and its name in tables and plots.
+PRICES = {'as_run': ('flops_with_cfg', 'FLOPs as run (CFG passes)'),
+          'testing': ('flops', 'Testing FLOPs')}
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchSettings:
-  # Fraction of finest-patch Testing FLOPs, 'hand' (the config's own schedule's) or a hand-set
+  # Fraction of finest-patch FLOPs (priced by `price`), 'hand' (the config's own schedule's) or a hand-set
   # schedule's label ('PPF-2', 'PPF-3': its FLOPs on this model); or a tuple of those, searched
   # together (the proxy and the hand-set / finest rows are shared).
   budget: float | str | tuple = 0.5
@@ -289,13 +296,19 @@ class SearchSettings:
   timing_repeats: int = 3       # timed batches per confirmed candidate (after compiling)
   seed: int = 0                 # proxy noise and held-out images
   sampling_seeds: tuple[int, ...] = (0,)  # FID of each confirmed candidate per seed
+  price: str = 'as_run'         # a key of PRICES
+
+  def __post_init__(self):
+    if self.price not in PRICES:
+      raise ValueError(f'price={self.price!r} is not one of {sorted(PRICES)}')
 
 
 def search(model: inference.Inference, heldout: tuple[np.ndarray, np.ndarray],
            settings: SearchSettings, evaluator=None) -> dict:
   """The whole search on `model` with held-out (images, labels); returns the JSON-able result."""
   config = model.config
-  finest = finest_reference_flops(config)
+  key = PRICES[settings.price][0]
+  finest = finest_reference_flops(config, key)
   finest_cfg = finest_reference_flops(config, 'flops_with_cfg')
   own = Candidate(tuple(range(len(model.schedule))), tuple(model.schedule.boundaries))
   hand = hand_set(config)
@@ -308,14 +321,14 @@ def search(model: inference.Inference, heldout: tuple[np.ndarray, np.ndarray],
   rows = []
   for c in enumerate_candidates(config, settings.grid, settings.max_stages):
     rows.append(dict(stages=list(c.stages), boundaries=list(c.boundaries), label=c.label(config),
-                     flops_ratio=flops_ratio(config, c, finest),
+                     flops_ratio=flops_ratio(config, c, finest, key),
                      proxy=proxy_score(c, errors, times)))
   for i in pareto_front([(r['flops_ratio'], r['proxy']) for r in rows]):
     rows[i]['pareto'] = True
   as_candidate = lambda r: Candidate(tuple(r['stages']), tuple(r['boundaries']))
   named, budgets = {}, []
   for arg in budget_args:
-    ratio = budget_ratio(config, arg, dict(hand, hand=own), finest)
+    ratio = budget_ratio(config, arg, dict(hand, hand=own), finest, key)
     within = sorted((r for r in rows if r['flops_ratio'] <= ratio + 1e-9), key=lambda r: r['proxy'])
     if not within:
       raise ValueError(f'no candidate schedule fits --budget={arg} ({ratio:.3f} of the '
@@ -335,9 +348,9 @@ def search(model: inference.Inference, heldout: tuple[np.ndarray, np.ndarray],
   confirmed = confirm(model, named, evaluator, settings.num_samples, settings.timing_repeats,
                       tuple(settings.sampling_seeds))
   for name, c in named.items():
-    # The budget is in Testing FLOPs (no CFG passes); as run, stages with a CFG scale != 1 cost
-    # two passes, so a schedule that moves guided stages earlier costs more than its price says.
-    confirmed[name].update(flops_ratio=flops_ratio(config, c, finest),
+    # With price='testing' (no CFG passes) a schedule that moves guided stages earlier costs more
+    # as run than its price says; flops_ratio_with_cfg records what it costs as run.
+    confirmed[name].update(flops_ratio=flops_ratio(config, c, finest, key),
                            flops_ratio_with_cfg=flops_ratio(config, c, finest_cfg,
                                                             'flops_with_cfg'),
                            proxy=proxy_score(c, errors, times), stages=list(c.stages),
@@ -370,14 +383,15 @@ def markdown(result: dict) -> str:
   `python -m ppflow_jax.tables`)."""
   rows = result['confirmed']
   first = next(iter(rows.values()))
+  price = PRICES[result['settings'].get('price', 'testing')][1]
   chosen = {b['chosen'] for b in result['budgets']}
   cell = lambda name: name.replace('|', '\\|')  # patch labels hold '|'
   lines = [f"Regime `{result['regime']}`: {result['restriction']}; "
            f"{_count(result['num_candidates'], 'candidate')}."] + [
-      f"Budget {b['arg']} = {b['ratio']:.3f} of the finest-patch Testing FLOPs: "
+      f"Budget {b['arg']} = {b['ratio']:.3f} of the finest-patch {price}: "
       f"{_count(b['num_within_budget'], 'candidate')} within it; chosen by "
       f"{result['chosen_by']}: {cell(b['chosen'])}." for b in result['budgets']] + [
-      '', f"| schedule | Testing FLOPs / finest | proxy (velocity MSE vs finest) | FID, mean ± std "
+      '', f"| schedule | {price} / finest | proxy (velocity MSE vs finest) | FID, mean ± std "
       f"over sampling seeds {','.join(map(str, first['seeds']))} "
       f"({result['settings']['num_samples']} samples each) | FID per seed | "
       f"s / batch of {first['batch_size']} |", '|---|---|---|---|---|---|']
@@ -416,12 +430,13 @@ def pareto_plot(result: dict, path: str) -> None:
     if has_fid and r.get('fid_std'):  # the spread over sampling seeds
       axes[0, 1].errorbar([r['flops_ratio']], [r['fid']], yerr=[r['fid_std']], fmt='none',
                           ecolor='0.5', capsize=3)
-  ax.set_xlabel('Testing FLOPs / finest patch')
+  xlabel = PRICES[result['settings'].get('price', 'testing')][1] + ' / finest patch'
+  ax.set_xlabel(xlabel)
   ax.set_ylabel('proxy: velocity MSE vs finest patch')
   ax.set_yscale('symlog', linthresh=1e-4)
   ax.legend(fontsize=6)
   if has_fid:
-    axes[0, 1].set_xlabel('Testing FLOPs / finest patch')
+    axes[0, 1].set_xlabel(xlabel)
     axes[0, 1].set_ylabel('Fashion-MNIST FID (mean ± std over sampling seeds)')
     axes[0, 1].legend(fontsize=6)
   fig.tight_layout()
@@ -481,7 +496,8 @@ def main(argv) -> None:
   f = flags.FLAGS
   settings = SearchSettings(budget=tuple(_number_or_name(b) for b in f.budget), grid=f.grid,
                             max_stages=f.max_stages, confirm=f.confirm,
-                            num_samples=f.num_samples, seed=f.seed, sampling_seeds=tuple(int(s) for s in f.sampling_seeds))
+                            num_samples=f.num_samples, seed=f.seed,
+                            sampling_seeds=tuple(int(s) for s in f.sampling_seeds), price=f.price)
   result = run(f.config, f.workdir, settings, f.out, f.fid_cache)
   print(json.dumps({k: result[k] for k in ('budgets', 'regime', 'restriction', 'num_candidates')},
                    indent=2))
@@ -496,7 +512,7 @@ if __name__ == '__main__':
   from ppflow_jax import cli  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', None, 'Config file of the trained model.')
   flags.DEFINE_string('workdir', None, 'The trained run (checkpoints or converted params).')
-  flags.DEFINE_list('budget', ['0.5'], "Budgets, each a fraction of finest-patch Testing FLOPs, "
+  flags.DEFINE_list('budget', ['0.5'], "Budgets, each a fraction of finest-patch FLOPs (--price), "
                     "'hand' (the config's own schedule's FLOPs) or a hand-set schedule's ('PPF-2', "
                     "'PPF-3'); one search, confirmed rows shared.")
   flags.DEFINE_float('grid', 0.125, 'Boundary grid step.')
@@ -506,6 +522,9 @@ if __name__ == '__main__':
   flags.DEFINE_integer('seed', 0, 'Seed of the proxy noise and held-out images.')
   flags.DEFINE_list('sampling_seeds', ['0'], 'Sampling seeds of the FID of each confirmed '
                     'schedule (own noise and label order each); mean and spread reported.')
+  flags.DEFINE_enum('price', 'as_run', list(PRICES), "What a schedule costs: 'as_run' = FLOPs "
+                    "as the samplers run them (CFG passes included), 'testing' = the paper's "
+                    'Testing FLOPs (no CFG passes).')
   flags.DEFINE_string('out', '', 'Output directory (default WORKDIR/schedule_search).')
   flags.DEFINE_string('fid_cache', '', 'Fashion-MNIST classifier cache (default in WORKDIR).')
   flags.mark_flags_as_required(['config', 'workdir'])

@@ -65,6 +65,12 @@ def test_budget_names_and_bad_budget():
   assert ss.budget_ratio(config, 0.4, hand, finest) == 0.4
   with pytest.raises(ValueError, match="--budget='PPF-4' is neither a number nor one of"):
     ss.budget_ratio(config, 'PPF-4', hand, finest)
+  # Priced as run, a hand-set budget counts its CFG passes as the samplers make them.
+  as_run = ss.finest_reference_flops(config, 'flops_with_cfg')
+  assert ss.budget_ratio(config, 'PPF-3', hand, as_run, 'flops_with_cfg') == pytest.approx(
+      flops.testing_flops_ratio(config, cfg=True))
+  with pytest.raises(ValueError, match="price='free' is not one of"):
+    ss.SearchSettings(price='free')
 
 
 def test_search_on_a_tiny_model(tmp_path):
@@ -85,8 +91,11 @@ def test_search_on_a_tiny_model(tmp_path):
   chosen = rows[at_hand['chosen']]
   assert len(hand) == 1 and at_hand['chosen'].startswith('searched #1 at hand')
   assert at_ppf2['chosen'].startswith('searched #1 at PPF-2')
-  assert at_hand['ratio'] == at_ppf2['ratio'] == pytest.approx(flops.testing_flops_ratio(config))
+  # The default price counts CFG passes as run: the budget and the rows alike.
+  assert at_hand['ratio'] == at_ppf2['ratio'] == pytest.approx(
+      flops.testing_flops_ratio(config, cfg=True))
   assert chosen['flops_ratio'] <= at_hand['ratio'] + 1e-9
+  assert chosen['flops_ratio'] == pytest.approx(chosen['flops_ratio_with_cfg'])
   # The hand-set schedule is on the grid, so the searched one is at least as good by the proxy.
   assert chosen['proxy'] <= rows[hand[0]]['proxy']
   assert rows[hand[0]]['flops_ratio_with_cfg'] == pytest.approx(
@@ -101,6 +110,7 @@ def test_search_on_a_tiny_model(tmp_path):
   assert all(r['batch_seconds'] > 0 for r in rows.values())
   assert 'any schedule' in result['restriction']
   assert ss.markdown(result).count('\n| ') == len(rows) + 1
+  assert '| FLOPs as run (CFG passes) / finest |' in ss.markdown(result)
   ss.pareto_plot(result, str(tmp_path / 'pareto.png'))
   assert (tmp_path / 'pareto.png').stat().st_size > 1000
   json.dumps(result)
