@@ -86,6 +86,8 @@ TABLES = (
           mini_repro_table),
     Table('schedule_search_flexidit3', ('docs/beyond_paper.md',),
           'docs/schedule_search_flexidit3.json', schedule_search_table),
+    Table('schedule_search_flexidit3_asrun', ('docs/beyond_paper.md',),
+          'docs/schedule_search_flexidit3_asrun.json', schedule_search_table),
     Table('schedule_search_ppflow', ('docs/beyond_paper.md',), 'docs/schedule_search_ppflow.json',
           schedule_search_table),
 )
