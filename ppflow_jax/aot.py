@@ -263,9 +263,12 @@ def largest_fitting(peak_gib: Callable[[int], float | None], hbm_gib: float, sta
 
   peak_gib(n) is a compile (minutes at XL), None when the compiler itself ran out of memory.
   Peak memory grows almost linearly with the batch, so after two measured sizes the next one is
-  where the least-squares line through all measured peaks meets the HBM, between the largest size
-  that fits and the smallest that does not; the search ends when those two are adjacent
-  (typically four compiles). Where the line misleads, it bisects.
+  where a line meets the HBM, between the largest size that fits and the smallest that does not:
+  the least-squares line through all measured peaks until a size over the budget has been
+  measured, then the secant through the largest fitting size and the smallest failing one (memory
+  grows slightly faster than linearly at XL, so the far-reaching line overshoots and the secant
+  closes in). The search ends when those two sizes are adjacent (typically four to seven
+  compiles). Where the line misleads, it bisects.
   """
   lo, hi, trials, n = 0, limit + 1, [], min(start, limit)
   while hi - lo > 1 and len(trials) < max_trials:
@@ -274,6 +277,9 @@ def largest_fitting(peak_gib: Callable[[int], float | None], hbm_gib: float, sta
     trials.append(dict(n=n, peak_gib=peak, fits=fits))
     lo, hi = (max(lo, n), hi) if fits else (lo, min(hi, n))
     known = [(t['n'], t['peak_gib']) for t in trials if t['peak_gib'] is not None]
+    over = [(x, y) for x, y in known if x == hi]
+    if over and lo in dict(known):  # the secant across the budget
+      known = [(lo, dict(known)[lo]), over[0]]
     if len(known) >= 2:  # sizes are never tried twice
       xs, ys = zip(*known)
       mx, my = sum(xs) / len(xs), sum(ys) / len(ys)

@@ -168,6 +168,7 @@ def test_multi_slice_mesh_puts_data_across_slices():
     (lambda n: 2.0 + 0.1 * n + (5 if n > 50 else 0), 16, 4096, 90),  # a step in memory
     (lambda n: 20.0, 16, 4096, 0),                                 # nothing fits
     (lambda n: 0.1 * n, 16, 64, 64),                               # everything up to the limit
+    (lambda n: 0.8 + 0.04 * n + 3e-5 * n * n, 16, 4096, 308),      # slightly superlinear (XL)
 ])
 def test_largest_fitting_finds_the_boundary(peak, hbm, limit, expected):
   calls = []
@@ -178,6 +179,8 @@ def test_largest_fitting_finds_the_boundary(peak, hbm, limit, expected):
   assert (best in fits or best == 0) and (best + 1 in calls or best == limit)  # both sides seen
   if expected == 40:
     assert len(calls) <= 4   # linear memory: two sizes, the prediction, one above it
+  if expected == 308:
+    assert len(calls) <= 7   # the secant closes in where the first line overshot
 
 
 def test_search_batch_counts_global_batch_over_batch_shards(monkeypatch):
