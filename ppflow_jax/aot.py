@@ -277,9 +277,9 @@ def largest_fitting(peak_gib: Callable[[int], float | None], hbm_gib: float, sta
     trials.append(dict(n=n, peak_gib=peak, fits=fits))
     lo, hi = (max(lo, n), hi) if fits else (lo, min(hi, n))
     known = [(t['n'], t['peak_gib']) for t in trials if t['peak_gib'] is not None]
-    over = [(x, y) for x, y in known if x == hi]
-    if over and lo in dict(known):  # the secant across the budget
-      known = [(lo, dict(known)[lo]), over[0]]
+    peaks = dict(known)
+    if lo in peaks and hi in peaks:  # the secant across the budget
+      known = [(lo, peaks[lo]), (hi, peaks[hi])]
     if len(known) >= 2:  # sizes are never tried twice
       xs, ys = zip(*known)
       mx, my = sum(xs) / len(xs), sum(ys) / len(ys)

@@ -4,9 +4,9 @@ A path is a local file name or a URL of any file system epath serves (`gs://buck
 Storage through fsspec/gcsfs or tf.io.gfile, `s3://`, ...). orbax and tfds take the same strings
 natively, so a `gs://` workdir needs no gcsfuse mount (a mount still works: it is a local path).
 ArrayRecord shards are the exception: array_record opens them with its own C++ file layer, which
-reads local files and `gs://` (its own Cloud Storage client) only (data/latents.py checks). Helpers here never pass a URL through `os.path.abspath` or `os.makedirs`,
-which would turn `gs://b/run` into a local directory `./gs:/b/run`; `check` refuses such mangled
-names outright.
+reads local files and `gs://` (its own Cloud Storage client) only (data/latents.py checks).
+Helpers here never pass a URL through `os.path.abspath` or `os.makedirs`, which would turn
+`gs://b/run` into a local directory `./gs:/b/run`; `check` refuses such mangled names outright.
 
 Object stores cannot append: `append_text` rewrites the whole (small) object, and
 `TensorBoard` event files go through `register_tensorboard_writer`, which does the same on flush.
