@@ -21,6 +21,7 @@ from ppflow_jax import flops
 from ppflow_jax import inference
 from ppflow_jax import paths
 from ppflow_jax import sampling
+from ppflow_jax import summary
 
 
 def to_uint8(x) -> np.ndarray:
@@ -102,8 +103,7 @@ def plot_losses(metrics_file: str, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  records = [json.loads(line) for line in paths.read_text(metrics_file).splitlines()
-             if line.strip()]
+  records = summary.read_records(metrics_file)
   steps = [r['step'] for r in records]
   fig, ax = plt.subplots(figsize=(6, 3.5))
   for key in sorted(k for k in records[0] if k.startswith('loss')):
@@ -164,7 +164,7 @@ def final_report(model: inference.Inference, workdir: str, evaluator=None) -> di
   if evaluator is not None:
     for name, x in images.items():
       result[f'fid_{name}'] = float(evaluator.score(x)['fid'])
-  metrics = paths.join(workdir, 'metrics.jsonl')
+  metrics = paths.join(workdir, summary.METRICS)
   if paths.exists(metrics):
     plot_losses(metrics, paths.join(workdir, 'loss.png'))
   paths.write_text(paths.join(workdir, 'report.json'), json.dumps(result, indent=2))

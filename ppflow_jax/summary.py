@@ -48,6 +48,11 @@ def step_rates(config: ml_collections.ConfigDict, steps: int, seconds: float,
   return out
 
 
+def read_records(path: str) -> list[dict]:
+  """The records of a metrics.jsonl file (a local path or a URL), in order; blank lines skipped."""
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
+
+
 def drop_records_after(path: str, step: int) -> None:
   """Removes metrics of steps after `step` (work lost since the checkpoint a run resumes from)."""
   if not paths.exists(path):

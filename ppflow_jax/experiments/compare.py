@@ -34,6 +34,7 @@ from ppflow_jax import loop
 from ppflow_jax import paths
 from ppflow_jax import report
 from ppflow_jax import sampling
+from ppflow_jax import summary
 
 
 
@@ -73,10 +74,10 @@ def variant_config(v: Variant, steps: int, quick: bool) -> ml_collections.Config
 
 
 def last_loss(workdir: str) -> float | None:
-  path = paths.join(workdir, 'metrics.jsonl')
+  path = paths.join(workdir, summary.METRICS)
   if not paths.exists(path):
     return None
-  records = [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
+  records = summary.read_records(path)
   return records[-1]['loss'] if records else None
 
 

@@ -180,8 +180,8 @@ def train_sit(config: ml_collections.ConfigDict, workdir: str,
 
 def chunk_loss(workdir: str, start: int, end: int) -> float:
   """Mean training loss of the metrics.jsonl records with start < step <= end."""
-  lines = paths.read_text(paths.join(workdir, summary.METRICS)).splitlines()
-  losses = [r['loss'] for r in map(json.loads, filter(None, lines)) if start < r['step'] <= end]
+  records = summary.read_records(paths.join(workdir, summary.METRICS))
+  losses = [r['loss'] for r in records if start < r['step'] <= end]
   if not losses:
     raise errors.UserError(f'{workdir}/{summary.METRICS} has no loss between steps {start} and '
                            f'{end}; lower config.train.log_every below mini_repro.plateau_every')
