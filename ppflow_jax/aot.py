@@ -268,7 +268,8 @@ def largest_fitting(peak_gib: Callable[[int], float | None], hbm_gib: float, sta
   measured, then the secant through the largest fitting size and the smallest failing one (memory
   grows slightly faster than linearly at XL, so the far-reaching line overshoots and the secant
   closes in). The search ends when those two sizes are adjacent (typically four to seven
-  compiles). Where the line misleads, it bisects.
+  compiles). Where the line misleads, it steps up from the largest fitting size (nothing failed
+  yet) or bisects.
   """
   lo, hi, trials, n = 0, limit + 1, [], min(start, limit)
   while hi - lo > 1 and len(trials) < max_trials:
@@ -288,10 +289,18 @@ def largest_fitting(peak_gib: Callable[[int], float | None], hbm_gib: float, sta
     else:
       guess = 2.0 * n if fits else n / 2
     # Bisect where the line contradicts a measurement (the compiler ran out of memory before the
-    # line says, memory jumps) or after two failures in a row.
+    # line says, memory jumps) or after two failures in a row. A line below the largest fitting
+    # size before anything failed means that size's peak is already about at the budget (peaks
+    # are not exactly monotonic): the next size up is the one to try, not the middle of
+    # [lo, limit], where the compiler runs out of memory without a peak to fit.
     contradicts = guess < lo or (hi <= limit and guess >= hi)
     twice = len(trials) > 1 and not (trials[-1]['fits'] or trials[-2]['fits'])
-    n = (lo + hi) // 2 if contradicts or twice else min(max(int(guess), lo + 1), hi - 1)
+    if guess < lo and hi > limit:
+      n = lo + 1
+    elif contradicts or twice:
+      n = (lo + hi) // 2
+    else:
+      n = min(max(int(guess), lo + 1), hi - 1)
   return lo, trials
 
 

@@ -162,6 +162,11 @@ def test_multi_slice_mesh_puts_data_across_slices():
 # -- the largest batch that fits (the search logic; a real XL search is docs/tpu_aot.md's) -------
 
 
+# PPF-XL-3, scanned, no remat, v5e-16 (docs/tpu_aot/ppf_xl_3_v5e16_bmax_scan_none.json): the peak
+# at 38 is lower than at 37, and every size above 38 ran the TPU compiler out of memory (None).
+XL3_NO_REMAT = {4: 2.4851, 8: 4.1190, 37: 15.8839, 38: 15.8676}
+
+
 @pytest.mark.parametrize('peak, hbm, limit, expected', [
     (lambda n: 1.0 + 0.37 * n, 16, 4096, 40),                      # linear: (16 - 1) / 0.37
     (lambda n: 1.0 + 0.37 * n if n < 30 else None, 16, 4096, 29),  # the compiler OOMs first
@@ -169,6 +174,7 @@ def test_multi_slice_mesh_puts_data_across_slices():
     (lambda n: 20.0, 16, 4096, 0),                                 # nothing fits
     (lambda n: 0.1 * n, 16, 64, 64),                               # everything up to the limit
     (lambda n: 0.8 + 0.04 * n + 3e-5 * n * n, 16, 4096, 308),      # slightly superlinear (XL)
+    (XL3_NO_REMAT.get, 16, 4096, 38),                              # a peak below the one before
 ])
 def test_largest_fitting_finds_the_boundary(peak, hbm, limit, expected):
   calls = []
@@ -181,6 +187,8 @@ def test_largest_fitting_finds_the_boundary(peak, hbm, limit, expected):
     assert len(calls) <= 4   # linear memory: two sizes, the prediction, one above it
   if expected == 308:
     assert len(calls) <= 7   # the secant closes in where the first line overshot
+  if expected == 38:
+    assert calls == [4, 8, 37, 38, 39]  # steps up from 38 (the run bisected from 4096: 15)
 
 
 def test_search_batch_counts_global_batch_over_batch_shards(monkeypatch):
