@@ -11,12 +11,14 @@ the real TPU compiler. Attention picks its kernels from the mesh's devices (ops/
 the programs carry the Mosaic TPU kernels that would run on the pod.
 
 Reported per program, per chip: the compiler's argument / output / aliased / temporary bytes and
-their peak against the chip's HBM, compiled FLOPs (XLA cost analysis) against `flops.py`'s
-analytic count, collectives by kind with their bytes (hlo.py), the Mosaic kernels, and the
-compile time on this host. XLA's cost analysis does not multiply loop bodies by their trip
-counts, so for programs with model loops (scanned blocks, sampler fori_loops) its FLOPs and bytes
-are not per call: the useful-FLOP fraction (analytic / compiled) and the memory term of the
-roofline are then left out (None). The roofline step time is an ESTIMATE: max(analytic FLOPs /
+their peak against the chip's HBM, the compiled program's matmul FLOPs (hlo.py: dots and
+convolutions, loops counted by their trip counts) against `flops.py`'s analytic count (the
+useful-FLOP fraction: below 1 where remat recomputes, above 1 where Mosaic kernels do the
+attention, whose FLOPs the HLO does not show), collectives by kind with their bytes (hlo.py), the
+Mosaic kernels, and the compile time on this host. XLA's cost analysis (`compiled_flops`,
+`bytes_accessed`) does not multiply loop bodies by their trip counts, so for programs with model
+loops (scanned blocks, sampler fori_loops) the memory term of the roofline is left out (None).
+The roofline step time is an ESTIMATE: max(analytic FLOPs /
 peak bf16 FLOP/s, bytes accessed / HBM bandwidth) with the chips' published peaks (CHIPS). Exits
 with status 2 and one line when a program does not fit the chip's HBM. `--search_batch` instead
 finds the largest per-chip train batch that fits (`largest_fitting`: a few compiles).
@@ -154,7 +156,8 @@ def _measure(name: str, lower, chip: Chip, analytic: float, loops: bool,
       memory_bytes=memory, peak_gib=memory['peak'] / GIB, hbm_gib=chip.hbm_gib,
       fits=memory['peak'] <= chip.hbm_gib * GIB,
       compiled_flops=compiled_flops, analytic_flops=analytic, cost_counts_loops_once=loops,
-      useful_flop_fraction=analytic / compiled_flops if compiled_flops and not loops else None,
+      matmul_flops=stats.matmul_flops,
+      useful_flop_fraction=analytic / stats.matmul_flops if stats.matmul_flops else None,
       bytes_accessed=bytes_accessed,
       collectives={k: dict(count=v['count'], bytes=v['bytes'], gib=v['bytes'] / GIB)
                    for k, v in stats.collectives.items()},
@@ -383,8 +386,8 @@ def format_report(report: dict) -> str:
         f"{p['roofline_estimate']['step_s'] * 1e3:>8.1f}")
     for kind, c in p['collectives'].items():
       lines.append(f"    {kind:<20}{c['count']:>8.0f} x  {c['gib']:.3f} GiB")
-  lines.append('TFLOP: analytic per chip per call; useful: analytic / compiled FLOPs (programs '
-               'without model loops); compile s: wall (cpu s: CPU) to lower and compile on this '
+  lines.append('TFLOP: analytic per chip per call; useful: analytic / compiled matmul FLOPs '
+               '(Mosaic kernels not counted); compile s: wall (cpu s: CPU) to lower and compile on this '
                'host; est. ms: roofline ESTIMATE (see module docstring).')
   return '\n'.join(lines)
 

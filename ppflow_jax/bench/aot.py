@@ -1,6 +1,7 @@
 """The TPU AOT benchmark behind docs/tpu_aot.md: compile rows with ppflow_jax.aot, keep their JSON.
 
-  python -m ppflow_jax.bench.aot --rows=xl2_v5e16_b256_unrolled,xl2_v5e16_b256_scan_full
+  python -m ppflow_jax.bench.aot --rows=ppf_xl_2_v5e16_b256_unrolled,ppf_xl_2_v5e16_b256_scan_full
+  python -m ppflow_jax.bench.aot --grid --jobs=2  # every model x topology x batch cell not yet run
   python -m ppflow_jax.bench.aot --markdown       # the docs tables from docs/tpu_aot/*.json
 
 Each row is one `python -m ppflow_jax.aot` run (bf16 compute, parameters and optimizer state
@@ -9,10 +10,15 @@ docs/tpu_aot/<row>.json. Compile times are measured, not asserted: the wall and 
 TPU compiler on the host that ran the row (the JSON says which). A row that does not fit is
 recorded with the compiler's verdict. Rows run one process each, so their compile times do not
 share caches.
+
+The grid (docs/tpu_aot.md's topology x batch table) is, for every model, topology and global batch
+in GRID_BATCHES, the scanned train step without remat, and where that does not fit, with full
+remat: the cheapest policy that fits.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import json
 import os
@@ -31,13 +37,17 @@ TOPOLOGIES = {'v5e16': 'v5e:4x4', 'v5e64': 'v5e:8x8', 'v5p32': 'v5p:2x4x2', 'v5p
               'v6e16': 'v6e:4x4', 'v432': 'v4:2x2x4'}
 REMAT = {'unrolled': ('False', 'none'), 'scan_none': ('True', 'none'),
          'scan_dots': ('True', 'dots'), 'scan_full': ('True', 'full')}
+GRID_BATCHES = (256, 1024)
+GRID_POLICIES = ('scan_none', 'scan_full')   # cheapest first
+DOES_NOT_FIT = 2                              # ppflow_jax.aot's exit status
 
 
 def row_command(name: str) -> list[str]:
-  """'<model>_<topology>_b<batch>_<layout>[_s]' -> the aot command line (`_s`: sampler too).
+  """'<model>_<topology>_b<batch>_<layout>[_s]' -> the aot command line.
 
   e.g. ppf_xl_2_v5e16_b256_scan_full = PPF-XL-2, v5e:4x4, global batch 256, scanned blocks with
-  full remat, train step only; `bmax` instead of `b<N>` searches the largest batch that fits.
+  full remat, train step; `_s`: the sampler-stage programs at that batch instead (remat does not
+  apply to them); `bmax` instead of `b<N>` searches the largest train batch that fits.
   """
   parts = name.split('_')
   sample = parts[-1] == 's'
@@ -52,7 +62,7 @@ def row_command(name: str) -> list[str]:
                      f'<b<N>|bmax>_<{"|".join(REMAT)}>[_s] (no _s with bmax)')
   scan, remat = REMAT[layout]
   what = (['--search_batch'] if search else
-          [f'--batch={batch[1:]}', f'--programs={"train,sample" if sample else "train"}'])
+          [f'--batch={batch[1:]}', f'--programs={"sample" if sample else "train"}'])
   return [sys.executable, '-m', 'ppflow_jax.aot', f'--config={CONFIGS[model]}',
           f'--topology={TOPOLOGIES[topology]}', *what, '--json',
           '--config.model.dtype=bfloat16', '--config.mesh.data=1', '--config.mesh.fsdp=-1',
@@ -71,6 +81,57 @@ def run_row(name: str) -> dict:
   if proc.returncode:
     result['error'] = (proc.stderr.strip().splitlines() or ['?'])[-1]
   return result
+
+
+def save(result: dict) -> None:
+  with open(os.path.join(OUT, f"{result['row']}.json"), 'w') as fh:
+    json.dump(result, fh, indent=1)
+  print(result['row'], 'ok' if result['returncode'] == 0 else result.get('error'), flush=True)
+
+
+def grid_cells() -> list[tuple[str, str, int]]:
+  return [(m, t, b) for m in CONFIGS for t in TOPOLOGIES for b in GRID_BATCHES]
+
+
+def run_cell(model: str, topology: str, batch: int) -> None:
+  """The cell's rows, cheapest policy first, until one fits; cells already run are skipped."""
+  for layout in GRID_POLICIES:
+    name = f'{model}_{topology}_b{batch}_{layout}'
+    path = os.path.join(OUT, f'{name}.json')
+    result = json.load(open(path)) if os.path.exists(path) else None
+    if result is None:
+      result = run_row(name)
+      save(result)
+    if result['returncode'] != DOES_NOT_FIT:
+      return
+
+
+def grid_markdown(results: list[dict]) -> str:
+  """One line per grid cell: the cheapest policy that fits (or the last one tried)."""
+  by_row = {r['row']: r for r in results}
+  lines = ['| model | topology | chips | global batch | per chip | remat that fits | '
+           'peak GiB/chip | HBM | collectives GiB/chip | Mosaic calls | compile CPU s | '
+           'roofline est. ms |', '|---' * 12 + '|']
+  for model, topology, batch in grid_cells():
+    tried = [by_row[n] for n in (f'{model}_{topology}_b{batch}_{layout}'
+                                 for layout in GRID_POLICIES) if n in by_row]
+    if not tried:
+      continue
+    fitting = [r for r in tried if r['returncode'] == 0]
+    r = (fitting or tried)[0]
+    head = f"| {model} | {TOPOLOGIES[topology]} | "
+    if 'report' not in r:
+      lines.append(head + f"| {batch} | | none fits ({r.get('error', '')[:80]}) | | | | | | |")
+      continue
+    rep = r['report']
+    p = rep['programs'][0]
+    lines.append(
+        head + f"{rep['chips']} | {batch} | {batch // rep['chips']} | "
+        f"{rep['model']['remat'] if fitting else 'none fits'} | {p['peak_gib']:.2f} | "
+        f"{p['hbm_gib']:g} | {p['collective_gib']:.2f} | {p['mosaic_calls']} | "
+        f"{p['lower_cpu_s'] + p['compile_cpu_s']:.0f} | "
+        f"{p['roofline_estimate']['step_s'] * 1e3:.0f} ({p['roofline_estimate']['bound']}) |")
+  return '\n'.join(lines)
 
 
 def search_markdown(results: list[dict]) -> str:
@@ -96,9 +157,11 @@ def search_markdown(results: list[dict]) -> str:
 
 
 def markdown(results: list[dict]) -> str:
-  """One table row per train program, one per sampler program; then the batch searches."""
+  """One table row per train program, one per sampler program; the batch searches; the grid."""
   searches = [r for r in results if '_bmax_' in r['row']]
-  results = [r for r in results if r not in searches]
+  grid = grid_markdown(results)
+  grid_rows = {f'{m}_{t}_b{b}_{layout}' for m, t, b in grid_cells() for layout in GRID_POLICIES}
+  results = [r for r in results if r not in searches and r['row'] not in grid_rows]
   head = ('| row | chips | batch | remat | scan | peak GiB/chip | HBM | fits | useful FLOP | '
           'collectives GiB/chip | Mosaic | compile s (CPU s) | roofline est. ms |\n' + '|---' * 13
           + '|')
@@ -120,6 +183,8 @@ def markdown(results: list[dict]) -> str:
           f"{p['roofline_estimate']['step_s'] * 1e3:.0f} ({p['roofline_estimate']['bound']}) |")
   if searches:
     lines += ['', search_markdown(searches)]
+  if grid.count('\n') > 1:
+    lines += ['', grid]
   return '\n'.join(lines)
 
 
@@ -128,11 +193,12 @@ def main(argv) -> None:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   f = flags.FLAGS
   os.makedirs(OUT, exist_ok=True)
-  for name in f.rows:
-    result = run_row(name)
-    with open(os.path.join(OUT, f'{name}.json'), 'w') as fh:
-      json.dump(result, fh, indent=1)
-    print(name, 'ok' if result['returncode'] == 0 else result.get('error'), flush=True)
+  with concurrent.futures.ThreadPoolExecutor(f.jobs) as pool:  # each row is its own process
+    jobs = [pool.submit(lambda n: save(run_row(n)), name) for name in f.rows]
+    if f.grid:
+      jobs += [pool.submit(run_cell, *cell) for cell in grid_cells()]
+    for job in jobs:
+      job.result()
   if f.markdown:
     results = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(OUT, '*.json')))]
     print(markdown(results))
@@ -140,5 +206,8 @@ def main(argv) -> None:
 
 if __name__ == '__main__':
   flags.DEFINE_list('rows', [], 'Rows to compile (see row_command for the naming).')
+  flags.DEFINE_bool('grid', False, 'Compile every grid cell (model x topology x batch) that has '
+                    'no JSON yet, cheapest remat first (see the module docstring).')
+  flags.DEFINE_integer('jobs', 1, 'Rows compiled at the same time (one process each).')
   flags.DEFINE_bool('markdown', False, 'Print the docs tables from docs/tpu_aot/*.json.')
   app.run(main)
