@@ -99,27 +99,62 @@ def test_topology_names_are_checked():
 HLO = """HloModule m
 
 %cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
   %c = s32[] constant(5)
   ROOT %lt = pred[] compare(%i, %c), direction=LT
 }
 
 %body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %q = (s32[], f32[8]) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %x = f32[8] get-tuple-element(%q), index=1
+  %one = s32[] constant(1)
+  %next = s32[] add(%j, %one)
   %ag = f32[8]{0} all-gather(%x), dimensions={0}
   %lhs = bf16[2,16,32]{2,1,0:T(8,128)} parameter(1)
   %rhs = bf16[32,64]{1,0} parameter(2)
   %mm = f32[2,16,64]{2,1,0:T(8,128)} convolution(%lhs, %rhs), window={size=1}, dim_labels=0bf_io->0bf
   %k = (f32[8]{0}, f32[8]{0}) custom-call(%ag), custom_call_target="tpu_custom_call", backend_config="x
 }"
-  ROOT %t = (s32[], f32[8]) tuple(%i, %ag)
+  ROOT %t = (s32[], f32[8]) tuple(%next, %ag)
+}
+
+%cond2 (p: (u32[], f32[8])) -> pred[] {
+  %p2 = (u32[], f32[8]) parameter(0)
+  %i2 = u32[] get-tuple-element(%p2), index=0
+  %c2 = u32[]{:T(128)} constant(8)
+  ROOT %lt2 = pred[] compare(%i2, %c2), direction=LT
+}
+
+%body2 (p: (u32[], f32[8])) -> (u32[], f32[8]) {
+  %q2 = (u32[], f32[8]) parameter(0)
+  %j2 = u32[] get-tuple-element(%q2), index=0
+  %jc = u32[] copy(%j2)
+  %x2 = f32[8] get-tuple-element(%q2), index=1
+  %two = u32[] constant(2)
+  %next2 = u32[] add(%jc, %two)
+  %cp = f32[8]{0} collective-permute(%x2), source_target_pairs={{0,1},{1,0}}
+  ROOT %t2 = (u32[], f32[8]) tuple(%next2, %cp)
 }
 
 ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8] parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8]) tuple(%zero, %a)
   %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body
+  %uzero = u32[] constant(0)
+  %uzero.copy = u32[] copy(%uzero)
+  %init2 = (u32[], f32[8]) tuple(%uzero.copy, %a)
+  %w2 = (u32[], f32[8]) while(%init2), condition=%cond2, body=%body2
   %ars = f32[4]{0} all-reduce-start(%a), to_apply=%add
+  %ar = f32[4]{0} all-reduce-done(%ars)
   %x3 = f32[4,3]{1,0} parameter(1)
   %y3 = f32[3,5]{1,0} parameter(2)
   %d = f32[4,5]{1,0} dot(%x3, %y3), lhs_contracting_dims={1}, rhs_contracting_dims={0}
-  %ar = f32[4]{0} all-reduce-done(%ars)
+  %padded = f32[1,16,8]{2,1,0} convolution(%lhs1, %rhs1), window={size=16 pad=15_15}, dim_labels=b0f_0io->b0f
+  %lhs1 = f32[1,1,8]{2,1,0} parameter(3)
+  %rhs1 = f32[16,8,8]{2,1,0} parameter(4)
   ROOT %r = f32[8] get-tuple-element(%w), index=1
 }
 """
@@ -127,11 +162,17 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 
 def test_hlo_counts_loop_bodies_by_trip_count():
   stats = hlo.analyze(HLO)
+  # %w runs 0..4 in steps of 1 (5 trips); %w2 runs 0, 2, 4, 6 (4 trips: a collective-matmul
+  # loop's two windows per iteration), its counter read through copies.
   assert stats.collectives == {'all-gather': {'count': 5.0, 'bytes': 5 * 32.0},
-                               'all-reduce': {'count': 1.0, 'bytes': 16.0}}
+                               'all-reduce': {'count': 1.0, 'bytes': 16.0},
+                               'collective-permute': {'count': 4.0, 'bytes': 4 * 32.0}}
   assert (stats.mosaic_kernels, stats.mosaic_calls, stats.unknown_trip_counts) == (1, 5, 0)
-  # The loop body's (2x16, 32) @ (32, 64) five times, the entry's (4, 3) @ (3, 5) once.
-  assert stats.matmul_flops == 5 * 2 * (2 * 16 * 64) * 32 + 2 * (4 * 5) * 3
+  # The loop body's (2x16, 32) @ (32, 64) five times, the entry's (4, 3) @ (3, 5) once, and a
+  # convolution whose 16-wide window sees its one input position once per output position
+  # (the other 15 of each window are padding): 16 x (8 x 8) multiply-adds.
+  assert stats.matmul_flops == (5 * 2 * (2 * 16 * 64) * 32 + 2 * (4 * 5) * 3
+                                + 2 * 16 * 8 * 8)
 
 
 def test_logical_axis_rules_come_from_the_config():
