@@ -94,6 +94,9 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   kwargs = dict(num_slices=num_slices) if num_slices > 1 else {}
+  if parse_topology(name)[0] == 'v4':
+    # One device per chip (megacore), as JAX runs a v4 pod; the description defaults to cores.
+    kwargs['chip_config_name'] = 'megacore'
   try:
     return list(topologies.get_topology_desc(topology_name=name, platform='tpu', **kwargs).devices)
   except Exception as e:  # pylint: disable=broad-except

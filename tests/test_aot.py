@@ -90,6 +90,11 @@ def test_does_not_fit_is_one_line(report):
   assert '\n' not in str(e.value) and 'needs' in str(e.value) and 'remat' in str(e.value)
 
 
+def test_v4_topologies_have_one_device_per_chip():
+  devices = aot.topology_devices('v4:2x2x1')
+  assert len(devices) == 4 and devices[0].device_kind == 'TPU v4'
+
+
 def test_topology_names_are_checked():
   assert aot.parse_topology('v5p:4x4x2') == ('v5p', (4, 4, 2))
   with pytest.raises(ValueError, match='--topology=.v5x:2x2. must look like'):
