@@ -8,7 +8,8 @@ A generated table sits between two markers in its Markdown file,
 
 and is rendered from its JSON artifact (written by the run that measured it: the default run's
 `report.json`, the comparison's `compare.json`, the mini reproduction's `results.json`, a
-benchmark's `--json`, a schedule search's `search.json`) with the same formatting code as that run's own Markdown.
+benchmark's `--json`, a schedule search's `search.json`, or a folder of them such as the TPU AOT
+rows in docs/tpu_aot/) with the same formatting code as that run's own Markdown.
 
   python -m ppflow_jax.tables           # rewrite the tables from the JSON files
   python -m ppflow_jax.tables --check   # exit 1 if a table differs from its JSON
@@ -63,12 +64,18 @@ def schedule_search_table(result: dict) -> str:
   return schedule_search.markdown(result)
 
 
+def tpu_aot_tables(results: list[dict]) -> str:
+  """The TPU AOT rows, batch searches and topology x batch grid (bench/aot.py)."""
+  from ppflow_jax.bench import aot  # pylint: disable=g-import-not-at-top
+  return aot.markdown(results)
+
+
 @dataclasses.dataclass(frozen=True)
 class Table:
   name: str
   docs: tuple[str, ...]  # Markdown files holding the table, relative to the repository root
-  artifact: str          # its JSON result file, relative to the repository root
-  render: Callable[[dict], str]
+  artifact: str          # its JSON result file (or a folder of them), relative to the root
+  render: Callable[[dict | list[dict]], str]
 
 
 TABLES = (
@@ -90,6 +97,7 @@ TABLES = (
           'docs/schedule_search_flexidit3_asrun.json', schedule_search_table),
     Table('schedule_search_ppflow', ('docs/beyond_paper.md',), 'docs/schedule_search_ppflow.json',
           schedule_search_table),
+    Table('tpu_aot', ('docs/tpu_aot.md',), 'docs/tpu_aot', tpu_aot_tables),
 )
 
 
@@ -98,9 +106,16 @@ def _pattern(name: str) -> re.Pattern:
                     rf'(<!-- end table: {re.escape(name)} -->)', re.S)
 
 
+def _load(path: str) -> dict | list[dict]:
+  """A JSON file, or the JSON files of a folder in name order."""
+  if os.path.isdir(path):
+    return [_load(os.path.join(path, n)) for n in sorted(os.listdir(path)) if n.endswith('.json')]
+  with open(path) as f:
+    return json.load(f)
+
+
 def render(table: Table, root: str = ROOT) -> str:
-  with open(os.path.join(root, table.artifact)) as f:
-    return table.render(json.load(f)) + '\n'
+  return table.render(_load(os.path.join(root, table.artifact))) + '\n'
 
 
 def update(text: str, doc: str, table: Table, body: str) -> str:

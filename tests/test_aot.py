@@ -196,7 +196,8 @@ def test_benchmark_rows_and_markdown(report):
   from ppflow_jax.bench import aot as bench_aot  # pylint: disable=g-import-not-at-top
   cmd = bench_aot.row_command('ppf_xl_2_v5e16_b256_scan_full')
   assert '--topology=v5e:4x4' in cmd and '--batch=256' in cmd and '--config.model.remat=full' in cmd
-  assert '--programs=sample' in bench_aot.row_command('sit_xl_2_v5p32_b1024_unrolled_s')
+  sample = bench_aot.row_command('sit_xl_2_v5p32_b1024_unrolled_s')
+  assert '--programs=sample' in sample and '--config.mesh.data=-1' in sample
   with pytest.raises(ValueError, match='must be'):
     bench_aot.row_command('ppf_xl_9_v5e16_b256_unrolled')
   table = bench_aot.markdown([dict(row='tiny', report=report), dict(row='big', error='x')])

@@ -18,7 +18,11 @@ def _copy_docs(tmp_path):
   for t in tables.TABLES:
     for rel in (t.artifact,) + t.docs:
       os.makedirs(tmp_path / os.path.dirname(rel), exist_ok=True)
-      shutil.copy(os.path.join(tables.ROOT, rel), tmp_path / rel)
+      source = os.path.join(tables.ROOT, rel)
+      if os.path.isdir(source):  # a folder of result files (docs/tpu_aot)
+        shutil.copytree(source, tmp_path / rel, dirs_exist_ok=True)
+      else:
+        shutil.copy(source, tmp_path / rel)
 
 
 def test_a_changed_number_is_caught_and_rewritten(tmp_path):

@@ -4,8 +4,9 @@
   python -m ppflow_jax.bench.aot --grid --jobs=2  # every model x topology x batch cell not yet run
   python -m ppflow_jax.bench.aot --markdown       # the docs tables from docs/tpu_aot/*.json
 
-Each row is one `python -m ppflow_jax.aot` run (bf16 compute, parameters and optimizer state
-fully sharded: mesh data=1, fsdp=all chips) whose JSON report, plus the exact command, lands in
+Each row is one `python -m ppflow_jax.aot` run (bf16 compute; train steps with parameters and
+optimizer state fully sharded: mesh data=1, fsdp=all chips; sampler programs data-parallel with
+whole weights on every chip, the default mesh) whose JSON report, plus the exact command, lands in
 docs/tpu_aot/<row>.json. Compile times are measured, not asserted: the wall and CPU seconds of the
 TPU compiler on the host that ran the row (the JSON says which). A row that does not fit is
 recorded with the compiler's verdict. Rows run one process each, so their compile times do not
@@ -63,9 +64,13 @@ def row_command(name: str) -> list[str]:
   scan, remat = REMAT[layout]
   what = (['--search_batch'] if search else
           [f'--batch={batch[1:]}', f'--programs={"sample" if sample else "train"}'])
+  # Training shards parameters and optimizer state over every chip (fsdp); sampling keeps the
+  # weights whole on each chip and splits the batch (the default mesh, as sample.py runs it).
+  mesh = ('--config.mesh.data=-1', '--config.mesh.fsdp=1') if sample else (
+      '--config.mesh.data=1', '--config.mesh.fsdp=-1')
   return [sys.executable, '-m', 'ppflow_jax.aot', f'--config={CONFIGS[model]}',
           f'--topology={TOPOLOGIES[topology]}', *what, '--json',
-          '--config.model.dtype=bfloat16', '--config.mesh.data=1', '--config.mesh.fsdp=-1',
+          '--config.model.dtype=bfloat16', *mesh,
           f'--config.model.scan_blocks={scan}', f'--config.model.remat={remat}']
 
 
@@ -110,8 +115,8 @@ def grid_markdown(results: list[dict]) -> str:
   """One line per grid cell: the cheapest policy that fits (or the last one tried)."""
   by_row = {r['row']: r for r in results}
   lines = ['| model | topology | chips | global batch | per chip | remat that fits | '
-           'peak GiB/chip | HBM | collectives GiB/chip | Mosaic calls | compile CPU s | '
-           'roofline est. ms |', '|---' * 12 + '|']
+           'peak GiB/chip | HBM | useful FLOP | collectives GiB/chip | Mosaic calls | '
+           'compile CPU s | roofline est. ms |', '|---' * 13 + '|']
   for model, topology, batch in grid_cells():
     tried = [by_row[n] for n in (f'{model}_{topology}_b{batch}_{layout}'
                                  for layout in GRID_POLICIES) if n in by_row]
@@ -121,17 +126,22 @@ def grid_markdown(results: list[dict]) -> str:
     r = (fitting or tried)[0]
     head = f"| {model} | {TOPOLOGIES[topology]} | "
     if 'report' not in r:
-      lines.append(head + f"| {batch} | | none fits ({r.get('error', '')[:80]}) | | | | | | |")
+      lines.append(head + f"| {batch} | | none fits ({r.get('error', '')[:80]}) | | | | | | | |")
       continue
     rep = r['report']
     p = rep['programs'][0]
     lines.append(
         head + f"{rep['chips']} | {batch} | {batch // rep['chips']} | "
         f"{rep['model']['remat'] if fitting else 'none fits'} | {p['peak_gib']:.2f} | "
-        f"{p['hbm_gib']:g} | {p['collective_gib']:.2f} | {p['mosaic_calls']} | "
+        f"{p['hbm_gib']:g} | {_fraction(p)} | {p['collective_gib']:.2f} | {p['mosaic_calls']} | "
         f"{p['lower_cpu_s'] + p['compile_cpu_s']:.0f} | "
         f"{p['roofline_estimate']['step_s'] * 1e3:.0f} ({p['roofline_estimate']['bound']}) |")
   return '\n'.join(lines)
+
+
+def _fraction(program: dict) -> str:
+  useful = program['useful_flop_fraction']
+  return '-' if useful is None else f'{useful:.2f}'
 
 
 def search_markdown(results: list[dict]) -> str:
@@ -172,12 +182,11 @@ def markdown(results: list[dict]) -> str:
       lines.append(f"| {r['row']} | | | | | | | no: {r.get('error', '')[:120]} | | | | | |")
       continue
     for p in rep['programs']:
-      useful = p['useful_flop_fraction']
       lines.append(
           f"| {r['row']} {p['program']} | {rep['chips']} | {p.get('batch', rep['batch'])} | "
           f"{rep['model']['remat']} | {rep['model']['scan_blocks']} | {p['peak_gib']:.2f} | "
           f"{p['hbm_gib']:g} | {'yes' if p['fits'] else 'no'} | "
-          f"{'-' if useful is None else f'{useful:.2f}'} | {p['collective_gib']:.2f} | "
+          f"{_fraction(p)} | {p['collective_gib']:.2f} | "
           f"{p['mosaic_kernels']} | {p['lower_s'] + p['compile_s']:.0f} "
           f"({p['lower_cpu_s'] + p['compile_cpu_s']:.0f}) | "
           f"{p['roofline_estimate']['step_s'] * 1e3:.0f} ({p['roofline_estimate']['bound']}) |")
@@ -201,7 +210,7 @@ def main(argv) -> None:
       job.result()
   if f.markdown:
     results = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(OUT, '*.json')))]
-    print(markdown(results))
+    print(markdown(results))   # docs/tpu_aot.md's block: python -m ppflow_jax.tables
 
 
 if __name__ == '__main__':
