@@ -80,7 +80,8 @@ class Table:
 
 TABLES = (
     Table('default_report', ('README.md',), 'docs/results/default_report.json', default_report),
-    Table('compare', ('docs/variants.md',), 'docs/compare_results.json', compare_table),
+    Table('compare', ('README.md', 'docs/variants.md'), 'docs/compare_results.json',
+          compare_table),
     Table('bench_sample_cpu', ('README.md', 'docs/bench.md'), 'docs/results/bench_sample_cpu.json',
           bench_table),
     Table('bench_train_cpu', ('README.md', 'docs/bench.md'), 'docs/results/bench_train_cpu.json',
@@ -143,6 +144,27 @@ def differences(root: str = ROOT) -> list[str]:
           for _, doc, text, t, body in _blocks(root) if update(text, doc, t, body) != text]
 
 
+_ANY_BLOCK = re.compile(r'<!-- table: ([\w.-]+) \(generated.*?<!-- end table: \1 -->', re.S)
+
+
+def unmarked_copies(root: str = ROOT) -> list[str]:
+  """One line per Markdown file holding a generated table's header outside its markers (a copy
+  that would go stale unnoticed)."""
+  out = []
+  for t in TABLES:
+    header = render(t, root).splitlines()[0]
+    for dirpath, dirs, names in os.walk(root):
+      dirs[:] = [d for d in dirs if not d.startswith('.')]  # .git, .venv
+      for name in (n for n in names if n.endswith('.md')):
+        path = os.path.join(dirpath, name)
+        with open(path) as f:
+          text = _ANY_BLOCK.sub('', f.read())
+        if header in text.splitlines():
+          out.append(f'{os.path.relpath(path, root)}: a copy of table {t.name} outside its '
+                     f'markers; put it between <!-- table: {t.name} ... --> markers')
+  return out
+
+
 def write(root: str = ROOT) -> None:
   for path, doc, text, t, body in _blocks(root):
     with open(path) as f:  # an earlier table may have rewritten this file
@@ -153,7 +175,7 @@ def write(root: str = ROOT) -> None:
 
 def main(argv: list[str]) -> int:
   if argv[1:] == ['--check']:
-    diff = differences()
+    diff = differences() + unmarked_copies()
     print('\n'.join(diff) or 'all generated tables match their JSON files')
     return 1 if diff else 0
   if argv[1:]:

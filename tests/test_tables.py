@@ -14,6 +14,14 @@ def test_every_generated_table_matches_its_json():
   assert tables.differences() == []
 
 
+def test_no_hand_copied_table_outside_markers(tmp_path):
+  assert tables.unmarked_copies() == []
+  _copy_docs(tmp_path)
+  header = tables.render(tables.TABLES[0], str(tmp_path)).splitlines()[0]
+  (tmp_path / 'docs' / 'copy.md').write_text(f'intro\n{header}\n')
+  assert [d.split(':')[0] for d in tables.unmarked_copies(str(tmp_path))] == ['docs/copy.md']
+
+
 def _copy_docs(tmp_path):
   for t in tables.TABLES:
     for rel in (t.artifact,) + t.docs:
