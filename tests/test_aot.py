@@ -73,9 +73,15 @@ def test_memory_and_cost_fields_are_sane(report):
     assert mem['peak'] >= mem['argument'] + mem['temp']
     assert p['fits'] and 0 < p['peak_gib'] < p['hbm_gib'] == 16
     assert p['compiled_flops'] > 0 and p['analytic_flops'] > 0
-    # scanned blocks / sampler loops: XLA's cost counts loop bodies once, the HLO matmul count
-    # does not, so the fraction is near 1 (the kernels' attention FLOPs are not in it)
-    assert p['cost_counts_loops_once'] and 0.5 < p['useful_flop_fraction'] < 2
+    # Scanned blocks / sampler loops: XLA's cost counts loop bodies once, the HLO matmul count
+    # does not. Without Mosaic kernels it is the analytic count; with them their attention FLOPs
+    # are missing from it (a large share at this tiny width: 2.3 in the 256-token sampler stage).
+    useful = p['useful_flop_fraction']
+    assert p['cost_counts_loops_once'], p['program']
+    if not p['mosaic_calls']:  # every FLOP is in the HLO: the counts agree
+      assert 0.95 < useful < 1.05, (p['program'], useful)
+    else:
+      assert 0.5 < useful < 4, (p['program'], useful)
     assert p['lower_s'] > 0 and p['compile_s'] > 0
     assert p['unknown_trip_counts'] == 0
   train = report['programs'][0]
