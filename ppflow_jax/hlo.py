@@ -45,25 +45,29 @@ class Stats:
   matmul_flops: float = 0.0                  # dot + convolution ops (loops counted)
 
 
+def _ints(dims: str) -> list[int]:
+  """'16,256' -> [16, 256] ('' -> [], a scalar)."""
+  return [int(d) for d in filter(None, dims.split(','))]
+
+
 def _dims(array_type: str) -> list[int]:
   """'bf16[16,256]{1,0}' -> [16, 256] (the first array in the type)."""
-  return [int(d) for d in filter(None, _ARRAY.search(array_type).group(2).split(','))]
+  return _ints(_ARRAY.search(array_type).group(2))
 
 
 def _result_bytes(result_type: str) -> int:
-  return sum(math.prod(int(d) for d in filter(None, dims.split(','))) * _DTYPE_BYTES.get(dtype, 4)
+  return sum(math.prod(_ints(dims)) * _DTYPE_BYTES.get(dtype, 4)
              for dtype, dims in _ARRAY.findall(result_type))
 
 
 def _matmul_flops(op: str, result_type: str, args: str, defs: dict) -> float:
   """2 x output elements x contracted elements of one dot / convolution instruction."""
   operands = _operands(args)
-  out = math.prod(_dims(result_type))
   if op == 'dot':
     lhs = _dims(defs[operands[0]][0])
     contracting = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', args)
-    axes = [int(a) for a in filter(None, contracting.group(1).split(','))] if contracting else []
-    return 2.0 * out * math.prod(lhs[a] for a in axes)
+    axes = _ints(contracting.group(1)) if contracting else []
+    return 2.0 * math.prod(_dims(result_type)) * math.prod(lhs[a] for a in axes)
   # convolution: batch x output features x input features (per group) x the (output, window)
   # position pairs that read the input rather than its padding, per spatial dim.
   lhs_labels, rhs_labels, out_labels = re.search(
@@ -118,9 +122,11 @@ def analyze(hlo_text: str) -> Stats:
       bodies[current].append(line)
   if entry is None:
     raise ValueError('no ENTRY computation in the HLO text')
-  # Instruction names are unique in a module: name -> (result type, op, operand text, line).
-  defs = {m.group(1): (*m.groups()[1:], line)
-          for lines in bodies.values() for line in lines if (m := _INSTRUCTION.match(line))}
+  # Each instruction parsed once: (name, result type, op, operand text) per computation, and by
+  # name (unique in a module) for the operands of dots, convolutions and loop counters.
+  parsed = {name: [(m.groups(), line) for line in lines if (m := _INSTRUCTION.match(line))]
+            for name, lines in bodies.items()}
+  defs = {inst[0]: inst[1:] for rows in parsed.values() for inst, _ in rows}
 
   unknown = 0
 
@@ -159,11 +165,7 @@ def analyze(hlo_text: str) -> Stats:
   collectives = {k: {'count': 0.0, 'bytes': 0.0} for k in COLLECTIVES}
   kernels, kernel_calls, matmul_flops = 0, 0.0, 0.0
   for name in order:
-    for line in bodies[name]:
-      m = _INSTRUCTION.match(line)
-      if not m:
-        continue
-      _, result_type, op, args = m.groups()
+    for (_, result_type, op, args), line in parsed[name]:
       if op in ('dot', 'convolution'):
         matmul_flops += weight[name] * _matmul_flops(op, result_type, args, defs)
       if op == 'custom-call' and f'custom_call_target="{MOSAIC_TARGET}"' in line:
@@ -179,6 +181,11 @@ def analyze(hlo_text: str) -> Stats:
 
 def _operands(args: str) -> list[str]:
   return re.findall(r'%([\w.\-]+)', args.split(')')[0])
+
+
+def _root(lines: list[str]) -> re.Match | None:
+  """The parsed ROOT instruction of a computation."""
+  return _INSTRUCTION.match(next((l for l in lines if l.lstrip().startswith('ROOT')), ''))
 
 
 def _definition(name: str, defs: dict) -> tuple | None:
@@ -213,20 +220,18 @@ def _trip_count(line: str, bodies: dict, defs: dict) -> int | None:
   body = re.search(r'body=%?([\w.\-]+)', line)
   if not (cond and body and cond.group(1) in bodies and body.group(1) in bodies):
     return None
-  root = next((l for l in bodies[cond.group(1)] if l.lstrip().startswith('ROOT')), '')
-  m = _INSTRUCTION.match(root)
-  if not (m and m.group(3) == 'compare' and 'direction=LT' in root):
+  compare = _root(bodies[cond.group(1)])
+  if not (compare and compare.group(3) == 'compare' and 'direction=LT' in compare.group(4)):
     return None
-  counter, bound = _operands(m.group(4))[:2]
+  counter, bound = _operands(compare.group(4))[:2]
   index, stop = _tuple_index(counter, defs), _constant(bound, defs)
-  body_root = _INSTRUCTION.match(next(
-      (l for l in bodies[body.group(1)] if l.lstrip().startswith('ROOT')), ''))
+  body_root = _root(bodies[body.group(1)])
   init = defs.get(_operands(line.split(' while(')[1])[0])
   if index is None or stop is None or not body_root or not init or init[1] != 'tuple':
     return None
-  update = (_definition(_operands(body_root.group(4) + ')')[index], defs)
+  update = (_definition(_operands(body_root.group(4))[index], defs)
             if body_root.group(3) == 'tuple' else None)
-  start = _constant(_operands(init[2] + ')')[index], defs)
+  start = _constant(_operands(init[2])[index], defs)
   if not update or update[1] != 'add' or start is None:
     return None
   a, b = _operands(update[2])[:2]
