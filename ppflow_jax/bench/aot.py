@@ -98,10 +98,14 @@ def grid_cells() -> list[tuple[str, str, int]]:
   return [(m, t, b) for m in CONFIGS for t in TOPOLOGIES for b in GRID_BATCHES]
 
 
+def cell_rows(model: str, topology: str, batch: int) -> list[str]:
+  """The row names of one grid cell, cheapest policy first."""
+  return [f'{model}_{topology}_b{batch}_{layout}' for layout in GRID_POLICIES]
+
+
 def run_cell(model: str, topology: str, batch: int) -> None:
   """The cell's rows, cheapest policy first, until one fits; cells already run are skipped."""
-  for layout in GRID_POLICIES:
-    name = f'{model}_{topology}_b{batch}_{layout}'
+  for name in cell_rows(model, topology, batch):
     path = os.path.join(OUT, f'{name}.json')
     result = json.load(open(path)) if os.path.exists(path) else None
     if result is None:
@@ -118,8 +122,7 @@ def grid_markdown(results: list[dict]) -> str:
            'peak GiB/chip | HBM | useful FLOP | collectives GiB/chip | Mosaic calls | '
            'compile CPU s | roofline est. ms |', '|---' * 13 + '|']
   for model, topology, batch in grid_cells():
-    tried = [by_row[n] for n in (f'{model}_{topology}_b{batch}_{layout}'
-                                 for layout in GRID_POLICIES) if n in by_row]
+    tried = [by_row[n] for n in cell_rows(model, topology, batch) if n in by_row]
     if not tried:
       continue
     fitting = [r for r in tried if r['returncode'] == 0]
@@ -170,7 +173,7 @@ def markdown(results: list[dict]) -> str:
   """One table row per train program, one per sampler program; the batch searches; the grid."""
   searches = [r for r in results if '_bmax_' in r['row']]
   grid = grid_markdown(results)
-  grid_rows = {f'{m}_{t}_b{b}_{layout}' for m, t, b in grid_cells() for layout in GRID_POLICIES}
+  grid_rows = {n for cell in grid_cells() for n in cell_rows(*cell)}
   results = [r for r in results if r not in searches and r['row'] not in grid_rows]
   head = ('| row | chips | batch | remat | scan | peak GiB/chip | HBM | fits | useful FLOP | '
           'collectives GiB/chip | Mosaic | compile s (CPU s) | roofline est. ms |\n' + '|---' * 13
