@@ -150,18 +150,19 @@ _ANY_BLOCK = re.compile(r'<!-- table: ([\w.-]+) \(generated.*?<!-- end table: \1
 def unmarked_copies(root: str = ROOT) -> list[str]:
   """One line per Markdown file holding a generated table's header outside its markers (a copy
   that would go stale unnoticed)."""
+  outside = {}  # each Markdown file's lines outside the generated blocks
+  for dirpath, dirs, names in os.walk(root):
+    dirs[:] = [d for d in dirs if not d.startswith('.')]  # .git, .venv
+    for name in (n for n in names if n.endswith('.md')):
+      path = os.path.join(dirpath, name)
+      with open(path) as f:
+        outside[os.path.relpath(path, root)] = set(_ANY_BLOCK.sub('', f.read()).splitlines())
   out = []
   for t in TABLES:
     header = render(t, root).splitlines()[0]
-    for dirpath, dirs, names in os.walk(root):
-      dirs[:] = [d for d in dirs if not d.startswith('.')]  # .git, .venv
-      for name in (n for n in names if n.endswith('.md')):
-        path = os.path.join(dirpath, name)
-        with open(path) as f:
-          text = _ANY_BLOCK.sub('', f.read())
-        if header in text.splitlines():
-          out.append(f'{os.path.relpath(path, root)}: a copy of table {t.name} outside its '
-                     f'markers; put it between <!-- table: {t.name} ... --> markers')
+    out += [f'{doc}: a copy of table {t.name} outside its markers; put it between '
+            f'<!-- table: {t.name} ... --> markers' for doc, lines in outside.items()
+            if header in lines]
   return out
 
 
