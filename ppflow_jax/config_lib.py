@@ -45,12 +45,20 @@ SCHEDULES = {
 PAPER_MODELS = {'sit': ('SiT', 1), 'ppf2': ('PPF-2', 2), 'ppf3': ('PPF-3', 3)}
 
 
-def model_label(name: str, patches: bool = False) -> str:
-  """'PPF-2', or with its patches (rows x cols, coarsest first) 'PPF-2 (4x4 | 2x2)'."""
+def model_label(name: str, patches: bool = False, patch_scale: int = 1) -> str:
+  """'PPF-2', or with its patches (rows x cols, coarsest first; each side times `patch_scale`)
+  'PPF-2 (4x4 | 2x2)'."""
   label, stages = PAPER_MODELS[name]
   if not patches:
     return label
-  return f"{label} ({' | '.join(f'{r}x{c}' for r, c in SCHEDULES[stages]['patch_sizes'])})"
+  sizes = scaled_patches(stages, patch_scale)
+  return f"{label} ({' | '.join(f'{r}x{c}' for r, c in sizes)})"
+
+
+def scaled_patches(num_stages: int, patch_scale: int = 1) -> tuple[tuple[int, int], ...]:
+  """The paper's `num_stages` patch sizes with both sides times `patch_scale` (a 2x2 finest
+  patch becomes 4x4 at scale 2: a quarter of the tokens, the same stage ratios)."""
+  return tuple((r * patch_scale, c * patch_scale) for r, c in SCHEDULES[num_stages]['patch_sizes'])
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -171,10 +179,12 @@ def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
   return m
 
 
-def set_schedule(config: ml_collections.ConfigDict, num_stages: int, cfg_scales) -> None:
-  """Fills `config.schedule` with the paper's `num_stages` schedule and the given CFG scales."""
+def set_schedule(config: ml_collections.ConfigDict, num_stages: int, cfg_scales,
+                 patch_scale: int = 1) -> None:
+  """Fills `config.schedule` with the paper's `num_stages` schedule (patches times
+  `patch_scale`, see scaled_patches) and the given CFG scales."""
   config.schedule.boundaries = SCHEDULES[num_stages]['boundaries']
-  config.schedule.patch_sizes = SCHEDULES[num_stages]['patch_sizes']
+  config.schedule.patch_sizes = scaled_patches(num_stages, patch_scale)
   config.schedule.cfg_scales = tuple(cfg_scales)
 
 

@@ -102,6 +102,9 @@ def test_converged_quick_run(tmp_path):
       assert r['train_steps'] == sit_steps + r['finetune_steps']
       for key in ('fid', 'precision', 'recall', 'seconds_per_batch', 'fid_floor_n'):
         assert np.isfinite(r[key]), (r['model'], key)
+  # Every model runs the recipe's patches (converged: doubled) and its row says so.
+  labels = {r['stages']: r['model'] for r in result['rows'] if r['train_steps']}
+  assert labels == {1: 'SiT (4x4)', 2: 'PPF-2 (8x8 | 4x4)', 3: 'PPF-3 (8x8 | 4x8 | 4x4)'}
   # The seeds differ: two fine-tunes of the same budget do not give the same weights or FID.
   ppf2 = [r['fid'] for r in result['rows'] if r['stages'] == 2 and r['finetune_steps'] == fts[1]]
   assert len(ppf2) == 2 and ppf2[0] != ppf2[1]
@@ -128,12 +131,25 @@ def test_plateaued_needs_patience_checks_without_relative_improvement():
     ('seeds', (), 'seeds and .finetune_fractions'),
     ('finetune_fractions', (0.0,), 'must be > 0'),
     ('max_steps', 3, 'max_steps=3 must be >= plateau_every=5'),
+    ('patch_scale', 3, 'patch_scale=3 must be 1, 2 or 4'),
 ])
 def test_bad_recipe_one_line(field, value, says):
   config = config_lib.load_config('mini_repro:converged_quick')
   config.mini_repro[field] = value
   with pytest.raises(errors.UserError, match=re.escape(says)):
     mini_repro.check_recipe(config)
+
+
+@pytest.mark.parametrize('scale,patches', [
+    (1, ((4, 4), (2, 2))), (2, ((8, 8), (4, 4)))])
+def test_patch_scale_multiplies_every_patch_of_the_schedule(scale, patches):
+  config = config_lib.load_config('mini_repro')
+  config.mini_repro.patch_scale = scale
+  c = mini_repro.make_config(config, 2)
+  assert tuple(map(tuple, c.schedule.patch_sizes)) == patches
+  assert tuple(c.schedule.boundaries) == (0.5,)
+  assert config_lib.model_label('ppf2', True, scale) == (
+      f'PPF-2 ({patches[0][0]}x{patches[0][1]} | {patches[1][0]}x{patches[1][1]})')
 
 
 def test_markdown_aggregates_seeds_and_lists_the_plateau():

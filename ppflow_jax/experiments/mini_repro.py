@@ -9,8 +9,8 @@
 The recipe is configs/mini_repro.py (`--config.train.steps=4000`, ... override it): paper §3.3 /
 §4, shrunk. Train a SiT baseline (one stage, 2x2 patches) for N steps, or (mini_repro.plateau_every
 > 0) in chunks until its loss and FID plateau; then, for each seed of mini_repro.seeds, initialise
-PPF-2 (4x4 | 2x2, boundary 0.5) and PPF-3 (4x4 | 2x4 | 2x2, boundaries 0.5 / 0.75) from its EMA
-weights with the paper's initialisation (convert/init_from_sit.py) and fine-tune each for every
+PPF-2 (4x4 | 2x2, boundary 0.5) and PPF-3 (4x4 | 2x4 | 2x2, boundaries 0.5 / 0.75; every patch
+side times mini_repro.patch_scale, 2 in the converged mode) from its EMA weights with the paper's initialisation (convert/init_from_sit.py) and fine-tune each for every
 fraction of N in mini_repro.finetune_fractions; the initialised PPFs before fine-tuning are rows
 too. Then all models (and, as a floor, the untrained SiT) sample the same noise and labels with
 the same sampler, batch by batch and interleaved, so the measured sampling times share the
@@ -58,9 +58,8 @@ from ppflow_jax.evaluation import sample as sample_lib
 
 
 
-# name -> number of stages (config_lib.SCHEDULES); 'untrained' is the SiT at initialisation.
-MODELS = {config_lib.model_label(name, patches=True): stages
-          for name, (_, stages) in config_lib.PAPER_MODELS.items()}
+# Number of stages -> the model's name in config_lib.PAPER_MODELS (its workdirs' prefix); stage
+# count 0 is the untrained SiT.
 _DIRS = {stages: name for name, (_, stages) in config_lib.PAPER_MODELS.items()}
 PLATEAU = 'plateau.json'  # the SiT workdir's plateau history: [{step, loss, fid}]
 PLATEAU_SEED = 4321       # sampling noise of the plateau checks (not the results' 1234)
@@ -86,7 +85,8 @@ def make_config(config: ml_collections.ConfigDict, num_stages: int, *, finetune_
   `seed` (default config.seed) drives data order, noise and the fresh level embedding. Resolved."""
   c = copy.deepcopy(config)
   # No guidance: every stage's scale is 1.0 (one pass), so all models pay the same per step.
-  config_lib.set_schedule(c, num_stages, (1.0,) * num_stages)
+  config_lib.set_schedule(c, num_stages, (1.0,) * num_stages,
+                          patch_scale=config.mini_repro.patch_scale)
   if finetune_steps:
     c.train.update(steps=finetune_steps, ema_decay=config.mini_repro.finetune_ema_decay,
                    warmup_steps=finetune_steps // 4)
@@ -104,6 +104,9 @@ def check_recipe(config: ml_collections.ConfigDict) -> None:
   if any(not 0 < f for f in mr.finetune_fractions):
     raise errors.UserError(f'config.mini_repro.finetune_fractions={tuple(mr.finetune_fractions)}'
                            ' must be > 0 (the init-only rows are always added)')
+  if mr.patch_scale not in (1, 2, 4):
+    raise errors.UserError(f'config.mini_repro.patch_scale={mr.patch_scale!r} must be 1, 2 or 4 '
+                           '(each side of every paper patch is multiplied by it)')
   if mr.plateau_every and (mr.max_steps < mr.plateau_every or mr.patience < 1):
     raise errors.UserError(
         f'config.mini_repro: max_steps={mr.max_steps} must be >= plateau_every='
@@ -247,7 +250,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, models: dict, seco
   rows = []
   for k, model in models.items():
     x = np.clip(images[k], -1.0, 1.0)
-    row = dict(model='untrained SiT' if k.stages == 0 else list(MODELS)[k.stages - 1],
+    row = dict(model='untrained SiT' if k.stages == 0 else config_lib.model_label(
+        _DIRS[k.stages], patches=True, patch_scale=config.mini_repro.patch_scale),
                stages=max(k.stages, 1), train_steps=model.step, finetune_steps=k.finetune_steps,
                seed=k.seed, fid_floor_n=evaluator.score(x[:nf], labels[:nf])['fid'])
     if k.stages:
