@@ -9,15 +9,16 @@
 The recipe is configs/mini_repro.py (`--config.train.steps=4000`, ... override it): paper §3.3 /
 §4, shrunk. Train a SiT baseline (one stage, 2x2 patches) for N steps, or (mini_repro.plateau_every
 > 0) in chunks until its loss and FID plateau; then, for each seed of mini_repro.seeds, initialise
-PPF-2 (4x4 | 2x2, boundary 0.5) and PPF-3 (4x4 | 2x4 | 2x2, boundaries 0.5 / 0.75; every patch
-side times mini_repro.patch_scale, 2 in the converged mode) from its EMA weights with the paper's initialisation (convert/init_from_sit.py) and fine-tune each for every
-fraction of N in mini_repro.finetune_fractions; the initialised PPFs before fine-tuning are rows
-too. Then all models (and, as a floor, the untrained SiT) sample the same noise and labels with
-the same sampler, batch by batch and interleaved, so the measured sampling times share the
-machine's load; the first batch (compilation) is not timed and the median over the other batches
-is reported. Quality is FID / precision / recall in the feature space of the Fashion-MNIST
-classifier (evaluation/fmnist_features.py) against the 10k test images, next to the analytic
-testing-FLOPs ratio (flops.py).
+PPF-2 (4x4 | 2x2, boundary 0.5) and PPF-3 (4x4 | 2x4 | 2x2, boundaries 0.5 / 0.75; every patch side
+times mini_repro.patch_scale, 2 in the converged mode) from its EMA weights with the paper's
+initialisation (convert/init_from_sit.py) and fine-tune each for every fraction of N in
+mini_repro.finetune_fractions; the initialised PPFs before fine-tuning are rows too. Then all
+models (and, as a floor, the untrained SiT) sample the same noise and labels with the same sampler,
+batch by batch and interleaved, so the measured sampling times share the machine's load; the first
+batch (compilation) is not timed and the median over the other batches is reported. Quality is FID
+/ precision / recall in the feature space of the Fashion-MNIST classifier
+(evaluation/fmnist_features.py) against the 10k test images, next to the analytic testing-FLOPs
+ratio (flops.py).
 
 Writes to --workdir: sit/ (with plateau.json in the converged mode), ppf{2,3}_init_s<seed>/,
 ppf{2,3}_ft<steps>_s<seed>/ (training workdirs; a rerun resumes), results.json, results.md,
