@@ -4,6 +4,7 @@ trained and fine-tuned from SiT, sampled side by side, scored and tabulated) and
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -160,6 +161,10 @@ def test_markdown_aggregates_seeds_and_lists_the_plateau():
   rows = [row('SiT (2x2)', 1, 0, 0, 10.0)]
   rows += [row('PPF-2 (4x4 | 2x2)', 2, ft, seed, 20.0 + ft + 2 * seed)
            for seed in (0, 1) for ft in (0, 10)]
+  for r in rows[1:]:
+    if r['finetune_steps']:
+      r['param_change'] = {'blocks': 0.01 * (1 + r['seed']), 'embed[0]': 0.5,
+                           'de-embed[0]': 0.25, 'level_embedder': 2.0}
   result = dict(rows=rows, sampler='euler', num_samples=20, sample_batch=10, device='cpu',
                 floor_samples=10, classifier_test_accuracy=0.9, seeds=[0, 1],
                 plateau=[dict(step=50, loss=0.5, fid=12.0), dict(step=100, loss=0.49, fid=11.9)],
@@ -169,3 +174,20 @@ def test_markdown_aggregates_seeds_and_lists_the_plateau():
   assert '| PPF-2 (4x4 \\| 2x2) | 100 + 10 | 31.00 ± 1.00 |' in table
   assert '| SiT (2x2) | 100 | 10.00 |' in table
   assert '| 50 | 0.5000 | 12.00 |' in table and 'max_steps=100 reached' in table
+  # The weight-change table: one line per fine-tuned model, groups in a fixed order, seed means.
+  assert '| model | fine-tuning steps | blocks | embed[0] | de-embed[0] | level_embedder |' in table
+  assert '| PPF-2 (4x4 \\| 2x2) | 10 | 0.015 | 0.500 | 0.250 | 2.000 |' in table
+
+
+def test_param_change_is_relative_per_group():
+  init = {'blocks': {'w': np.ones((2, 3)), 'b': np.zeros(3)},
+          'x_embedders': {0: {'kernel': np.full(4, 2.0)}, 1: {'kernel': np.ones(4)}},
+          'final_linears': {0: {'kernel': np.ones(1)}}, 'y_embedder': {'embedding': np.ones(5)}}
+  tuned = copy.deepcopy(init)
+  tuned['blocks']['b'] = np.full(3, 0.6)          # ||delta|| = sqrt(3 * 0.36), ||init|| = sqrt(6)
+  tuned['x_embedders'][1]['kernel'] = np.full(4, 1.5)  # 0.5 * 2 / 2
+  got = mini_repro.param_change(init, tuned)
+  assert got.keys() == {'blocks', 'embed[0]', 'embed[1]', 'de-embed[0]', 'y_embedder'}
+  np.testing.assert_allclose(got['blocks'], np.sqrt(3 * 0.36 / 6))
+  np.testing.assert_allclose(got['embed[1]'], 0.5)
+  assert got['embed[0]'] == got['de-embed[0]'] == got['y_embedder'] == 0.0

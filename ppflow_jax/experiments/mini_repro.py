@@ -39,6 +39,7 @@ import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
+from flax import traverse_util
 from ml_collections import config_flags
 
 from ppflow_jax import checkpoint
@@ -204,6 +205,27 @@ def plateaued(history: list[dict], patience: int, tol: float) -> bool:
   return not (improved('loss') or improved('fid'))
 
 
+# Per-stage parameter lists (index 0: the coarsest stage) and how the weight-change table names
+# them; every other top-level entry is one group.
+_STAGE_GROUPS = {'x_embedders': 'embed', 'final_linears': 'de-embed'}
+
+
+def param_change(init: dict, tuned: dict) -> dict[str, float]:
+  """How far fine-tuning moved each part of a PPF: {group: ||tuned - init|| / ||init||} over
+  the group's arrays (pure-dict params of the same model). Groups: 'blocks' (the shared DiT
+  blocks), 'embed[i]' / 'de-embed[i]' (stage i's patchify / unpatchify linears), and the other
+  top-level entries (level_embedder, t_embedder, y_embedder, final_modulation)."""
+  sums = {}
+  tuned = traverse_util.flatten_dict(tuned)
+  for path, a in traverse_util.flatten_dict(init).items():
+    name = path[0]
+    group = f'{_STAGE_GROUPS[name]}[{path[1]}]' if name in _STAGE_GROUPS else name
+    a, b = np.asarray(a, np.float64), np.asarray(tuned[path], np.float64)
+    moved, size = sums.get(group, (0.0, 0.0))
+    sums[group] = (moved + np.sum((b - a) ** 2), size + np.sum(a ** 2))
+  return {g: float(np.sqrt(m / s)) if s else float('nan') for g, (m, s) in sums.items()}
+
+
 def sample_interleaved(config: ml_collections.ConfigDict, models: dict,
                        seed: int) -> tuple[dict, dict, np.ndarray]:
   """Samples config.eval.num_samples images per model, batch by batch in turn (same noise and
@@ -263,6 +285,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, models: dict, seco
                  seconds_per_batch=float(np.median(times[k])), timed_batches=len(times[k]),
                  flops_ratio=float(flops.testing_flops_ratio(model.config, spec)),
                  evaluations=sampling.num_evaluations(model.schedule, spec))
+    if k.stages > 1 and k.finetune_steps:  # against the same seed's initialised PPF
+      init = models[k._replace(finetune_steps=0)].params
+      row['param_change'] = param_change(jax.device_get(init), jax.device_get(model.params))
     rows.append(row)
   base = next(r for r in rows if r['stages'] == 1 and r['train_steps'])
   for r in rows:
@@ -332,12 +357,38 @@ def markdown(result: dict) -> str:
     lines += [f'PPF rows: mean ± half the range over the fine-tuning seeds {result["seeds"]} '
               '(data order, training noise, fresh level embedding); "+ 0" is the initialised '
               'PPF before any fine-tuning. The SiT and the sampling noise are shared.', '']
+  lines += change_table(result['rows'])
   if result.get('plateau'):
     lines += ['| SiT step | mean training loss of the chunk | FID (EMA) |', '|---|---|---|']
     lines += [f'| {h["step"]} | {h["loss"]:.4f} | {h["fid"]:.2f} |' for h in result['plateau']]
     lines += ['', f'SiT plateau check every {result["plateau_every"]} steps: '
               f'{result["plateau_stop"]}.', '']
   return '\n'.join(lines)
+
+
+def change_table(rows: list[dict]) -> list[str]:
+  """Markdown lines: per fine-tuned PPF (mean over seeds) how far each weight group moved from
+  the initialisation (param_change); none for results that predate it."""
+  groups = {}
+  for r in rows:
+    if 'param_change' in r:
+      groups.setdefault((r['model'], r['finetune_steps']), []).append(r['param_change'])
+  if not groups:
+    return []
+  order = ('blocks', 'embed', 'de-embed', 'final_modulation', 'level_embedder', 't_embedder',
+           'y_embedder')
+  names = sorted({g for changes in groups.values() for c in changes for g in c},
+                 key=lambda g: (order.index(g.split('[')[0]), g))
+  lines = ['Weight change of fine-tuning: ||EMA - init|| / ||init|| per group (mean over seeds; '
+           'stage 0 is the coarsest; level_embedder starts fresh).', '',
+           '| model | fine-tuning steps | ' + ' | '.join(names) + ' |',
+           '|---|---|' + '---|' * len(names)]
+  for (model, ft), changes in groups.items():
+    cells = [f'{np.mean([c[g] for c in changes if g in c]):.3f}' if any(g in c for c in changes)
+             else '' for g in names]
+    model = model.replace('|', '\\|')  # a literal bar inside a Markdown cell
+    lines.append(f'| {model} | {ft} | ' + ' | '.join(cells) + ' |')
+  return lines + ['']
 
 
 def plot(result: dict, path: str) -> None:
