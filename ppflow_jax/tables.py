@@ -19,6 +19,7 @@ rows in docs/tpu_aot/) with the same formatting code as that run's own Markdown.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -46,8 +47,12 @@ def compare_table(result: dict) -> str:
 
 
 def mini_repro_table(result: dict) -> str:
+  """The mini reproduction's tables (results; weight change and plateau history where the run
+  has them), separated by blank lines."""
   from ppflow_jax.experiments import mini_repro  # pylint: disable=g-import-not-at-top
-  return _lines(mini_repro.markdown(result), lambda l: l.startswith('|'))
+  lines = mini_repro.markdown(result).splitlines()
+  return '\n\n'.join('\n'.join(table) for is_table, table in
+                     itertools.groupby(lines, lambda l: l.startswith('|')) if is_table)
 
 
 def bench_table(result: dict) -> str:

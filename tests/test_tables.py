@@ -54,3 +54,17 @@ def test_missing_markers_are_reported(tmp_path):
   (tmp_path / 'docs' / 'variants.md').write_text('no table here\n')
   with pytest.raises(ValueError, match='docs/variants.md has no block'):
     tables.differences(str(tmp_path))
+
+
+def test_mini_repro_tables_stay_separate_markdown_tables():
+  row = dict(model='SiT (4x4)', stages=1, train_steps=100, finetune_steps=0, seed=0,
+             fid_floor_n=9.0, fid=10.0, precision=0.5, recall=0.25, seconds_per_batch=2.0,
+             speedup=1.0, flops_ratio=1.0, timed_batches=2)
+  result = dict(rows=[row], sampler='heun', num_samples=20, sample_batch=10, device='cpu',
+                floor_samples=10, classifier_test_accuracy=0.9, seeds=[0],
+                plateau=[dict(step=50, loss=0.5, fid=12.0)], plateau_every=50,
+                plateau_stop='max_steps=50 reached before a plateau')
+  body = tables.mini_repro_table(result)
+  blocks = body.split('\n\n')
+  assert [b.splitlines()[0].split(' | ')[0] for b in blocks] == ['| model', '| SiT step']
+  assert all(line.startswith('|') for b in blocks for line in b.splitlines())
