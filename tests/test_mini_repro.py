@@ -191,3 +191,22 @@ def test_param_change_is_relative_per_group():
   np.testing.assert_allclose(got['blocks'], np.sqrt(3 * 0.36 / 6))
   np.testing.assert_allclose(got['embed[1]'], 0.5)
   assert got['embed[0]'] == got['de-embed[0]'] == got['y_embedder'] == 0.0
+
+
+def test_only_sit_extends_the_plateau_history(tmp_path):
+  config = config_lib.load_config('mini_repro:converged_quick')
+  config.mini_repro.update(plateau_every=2, max_steps=2, patience=2)
+  first = mini_repro.only_sit(str(tmp_path), config)
+  assert [h['step'] for h in first['plateau']] == [2]
+  assert first['plateau_stop'] == 'max_steps=2 reached before a plateau'
+  config.mini_repro.max_steps = 4  # a larger budget continues from the last check
+  second = mini_repro.only_sit(str(tmp_path), config)
+  assert [h['step'] for h in second['plateau']] == [2, 4]
+  assert second['plateau'][0] == first['plateau'][0]
+  assert not list(tmp_path.glob('ppf*'))  # no fine-tunes
+
+
+def test_only_sit_needs_the_plateau_loop(tmp_path):
+  config = config_lib.load_config('mini_repro:quick')
+  with pytest.raises(errors.UserError, match='--only_sit needs the plateau loop'):
+    mini_repro.only_sit(str(tmp_path), config)

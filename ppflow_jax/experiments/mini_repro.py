@@ -359,11 +359,27 @@ def markdown(result: dict) -> str:
               'PPF before any fine-tuning. The SiT and the sampling noise are shared.', '']
   lines += change_table(result['rows'])
   if result.get('plateau'):
-    lines += ['| SiT step | mean training loss of the chunk | FID (EMA) |', '|---|---|---|']
-    lines += [f'| {h["step"]} | {h["loss"]:.4f} | {h["fid"]:.2f} |' for h in result['plateau']]
-    lines += ['', f'SiT plateau check every {result["plateau_every"]} steps: '
-              f'{result["plateau_stop"]}.', '']
+    lines += plateau_lines(result)
   return '\n'.join(lines)
+
+
+def plateau_lines(result: dict) -> list[str]:
+  """Markdown lines: the SiT's plateau history (result['plateau'], ['plateau_every'],
+  ['plateau_stop'] as written by plateau_summary)."""
+  lines = ['| SiT step | mean training loss of the chunk | FID (EMA) |', '|---|---|---|']
+  lines += [f'| {h["step"]} | {h["loss"]:.4f} | {h["fid"]:.2f} |' for h in result['plateau']]
+  return lines + ['', f'SiT plateau check every {result["plateau_every"]} steps: '
+                  f'{result["plateau_stop"]}.', '']
+
+
+def plateau_summary(config: ml_collections.ConfigDict, history: list[dict]) -> dict:
+  """The results' plateau fields: the history, the check interval and why training stopped."""
+  mr = config.mini_repro
+  reached = plateaued(history, mr.patience, mr.plateau_tol)
+  return dict(plateau=history, plateau_every=mr.plateau_every, plateau_stop=(
+      f'loss and FID did not improve by more than {100 * mr.plateau_tol:g}% over the last '
+      f'{mr.patience} checks' if reached else f'max_steps={mr.max_steps} reached before a '
+      'plateau'))
 
 
 def change_table(rows: list[dict]) -> list[str]:
@@ -412,27 +428,41 @@ def plot(result: dict, path: str) -> None:
   report.save_figure(fig, path, dpi=110)
 
 
+def make_evaluator(config: ml_collections.ConfigDict,
+                   workdir: str) -> fmnist_features.FMNISTEvaluator:
+  """The Fashion-MNIST feature scorer, its classifier trained once into workdir (then reloaded)."""
+  return fmnist_features.FMNISTEvaluator(
+      paths.join(workdir, 'fmnist_classifier'),
+      train_steps=config.mini_repro.classifier_steps or fmnist_features.DEFAULT_TRAIN_STEPS)
+
+
 def run(workdir: str, config: ml_collections.ConfigDict) -> dict:
   """Trains, samples and scores the models of `config` (configs/mini_repro.py); writes
   results.{json,md} and the plots."""
   check_recipe(config)
   paths.makedirs(workdir)
   start = time.time()
-  mr = config.mini_repro
-  evaluator = fmnist_features.FMNISTEvaluator(
-      paths.join(workdir, 'fmnist_classifier'),
-      train_steps=mr.classifier_steps or fmnist_features.DEFAULT_TRAIN_STEPS)
+  evaluator = make_evaluator(config, workdir)
   models, seconds, history = train_models(config, workdir, evaluator)
   result = evaluate(config, workdir, models, seconds, evaluator)
-  if mr.plateau_every:
-    reached = plateaued(history, mr.patience, mr.plateau_tol)
-    result.update(plateau=history, plateau_every=mr.plateau_every, plateau_stop=(
-        f'loss and FID did not improve by more than {100 * mr.plateau_tol:g}% over the last '
-        f'{mr.patience} checks' if reached else f'max_steps={mr.max_steps} reached before a '
-        'plateau'))
+  if config.mini_repro.plateau_every:
+    result.update(plateau_summary(config, history))
   result['total_seconds'] = time.time() - start
   write_results(result, workdir)
   return result
+
+
+def only_sit(workdir: str, config: ml_collections.ConfigDict) -> dict:
+  """Trains (or extends) only the SiT's plateau loop of `config` in workdir/sit -> its plateau
+  summary: how converged the baseline is, without the fine-tunes (a larger max_steps continues
+  a finished run from its last check)."""
+  check_recipe(config)
+  if not config.mini_repro.plateau_every:
+    raise errors.UserError('--only_sit needs the plateau loop: set config.mini_repro.'
+                           'plateau_every > 0 (e.g. --config=mini_repro:converged)')
+  _, _, history = train_sit(config, paths.join(workdir, _DIRS[1]),
+                            make_evaluator(config, workdir))
+  return plateau_summary(config, history)
 
 
 def write_results(result: dict, workdir: str) -> None:
@@ -446,6 +476,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  if f.only_sit:
+    print('\n'.join(plateau_lines(only_sit(f.workdir, f.config))))
+    return
   result = run(f.workdir, f.config)
   print(markdown(result))
   print(f'total {result["total_seconds"]:.0f} s; results in {f.workdir}')
@@ -458,6 +491,8 @@ def define_flags() -> None:
       'config', config_lib.find_config('mini_repro'), 'The recipe: configs/mini_repro.py (full '
       'run), mini_repro:quick (1-2 min smoke test), mini_repro:converged (SiT to its plateau); overrides with --config.x=y.',
       lock_config=True)
+  flags.DEFINE_bool('only_sit', False, 'Train or extend only the SiT baseline to its plateau '
+                    '(the converged recipes) and print its history; no fine-tunes, no results.')
   flags.mark_flag_as_required('workdir')
 
 
