@@ -39,7 +39,9 @@ def get_config(arg=None):
       # max_steps, score the EMA (FID on plateau_samples images) and the chunk's mean loss; stop
       # when neither improved by more than plateau_tol (relative) over `patience` checks.
       plateau_every=0, max_steps=0, patience=3, plateau_tol=0.02, plateau_samples=500,
-      finetune_ema_decay=0.95,
+      # PPF fine-tuning: EMA decay, peak lr (0: the SiT's train.lr), linear warm-up over this
+      # fraction of its steps; Adam's state starts fresh.
+      finetune_ema_decay=0.95, finetune_lr=0.0, finetune_warmup_fraction=0.25,
       patch_scale=1,            # every patch side times this (2: SiT 4x4, PPF-2 8x8 | 4x4, ...)
       floor_samples=100,        # untrained-SiT samples (FID compared at this count too)
       classifier_steps=0,       # Fashion-MNIST classifier steps; 0 = its default

@@ -133,6 +133,8 @@ def test_plateaued_needs_patience_checks_without_relative_improvement():
     ('finetune_fractions', (0.0,), 'must be > 0'),
     ('max_steps', 3, 'max_steps=3 must be >= plateau_every=5'),
     ('patch_scale', 3, 'patch_scale=3 must be 1, 2 or 4'),
+    ('finetune_warmup_fraction', 1.0, 'finetune_warmup_fraction=1.0 must be in [0, 1)'),
+    ('finetune_lr', -1.0, 'finetune_lr=-1.0 >= 0'),
 ])
 def test_bad_recipe_one_line(field, value, says):
   config = config_lib.load_config('mini_repro:converged_quick')
@@ -151,6 +153,19 @@ def test_patch_scale_multiplies_every_patch_of_the_schedule(scale, patches):
   assert tuple(c.schedule.boundaries) == (0.5,)
   assert config_lib.model_label('ppf2', True, scale) == (
       f'PPF-2 ({patches[0][0]}x{patches[0][1]} | {patches[1][0]}x{patches[1][1]})')
+
+
+def test_finetune_fields_set_the_finetune_recipe_only():
+  config = config_lib.load_config('mini_repro')
+  default = mini_repro.make_config(config, 2, finetune_steps=40)
+  assert (default.train.lr, default.train.warmup_steps) == (config.train.lr, 10)
+  assert default.train.ema_decay == config.mini_repro.finetune_ema_decay
+  config.mini_repro.update(finetune_lr=3e-4, finetune_warmup_fraction=0.0,
+                           finetune_ema_decay=0.99)
+  tuned = mini_repro.make_config(config, 2, finetune_steps=40)
+  assert (tuned.train.lr, tuned.train.warmup_steps, tuned.train.ema_decay) == (3e-4, 0, 0.99)
+  sit = mini_repro.make_config(config, 1)  # the SiT keeps its own recipe
+  assert (sit.train.lr, sit.train.warmup_steps) == (config.train.lr, config.train.warmup_steps)
 
 
 def test_markdown_aggregates_seeds_and_lists_the_plateau():

@@ -90,8 +90,10 @@ def make_config(config: ml_collections.ConfigDict, num_stages: int, *, finetune_
   config_lib.set_schedule(c, num_stages, (1.0,) * num_stages,
                           patch_scale=config.mini_repro.patch_scale)
   if finetune_steps:
-    c.train.update(steps=finetune_steps, ema_decay=config.mini_repro.finetune_ema_decay,
-                   warmup_steps=finetune_steps // 4)
+    mr = config.mini_repro
+    c.train.update(steps=finetune_steps, ema_decay=mr.finetune_ema_decay,
+                   warmup_steps=int(finetune_steps * mr.finetune_warmup_fraction),
+                   lr=mr.finetune_lr or config.train.lr)
   if seed is not None:
     c.seed = seed
   return config_lib.resolve(c)
@@ -106,6 +108,10 @@ def check_recipe(config: ml_collections.ConfigDict) -> None:
   if any(not 0 < f for f in mr.finetune_fractions):
     raise errors.UserError(f'config.mini_repro.finetune_fractions={tuple(mr.finetune_fractions)}'
                            ' must be > 0 (the init-only rows are always added)')
+  if not 0 <= mr.finetune_warmup_fraction < 1 or mr.finetune_lr < 0:
+    raise errors.UserError(
+        f'config.mini_repro: finetune_warmup_fraction={mr.finetune_warmup_fraction} must be in '
+        f'[0, 1) and finetune_lr={mr.finetune_lr} >= 0 (0: the SiT\'s config.train.lr)')
   if mr.patch_scale not in (1, 2, 4):
     raise errors.UserError(f'config.mini_repro.patch_scale={mr.patch_scale!r} must be 1, 2 or 4 '
                            '(each side of every paper patch is multiplied by it)')
