@@ -225,3 +225,19 @@ def test_only_sit_needs_the_plateau_loop(tmp_path):
   config = config_lib.load_config('mini_repro:quick')
   with pytest.raises(errors.UserError, match='--only_sit needs the plateau loop'):
     mini_repro.only_sit(str(tmp_path), config)
+
+
+def test_recipe_table_puts_each_runs_recipe_next_to_its_shortest_finetune():
+  def result(lr, warmup, ema, fids):
+    rows = [dict(stages=1, train_steps=100, finetune_steps=0, seed=0, fid=10.0, recall=0.5)]
+    rows += [dict(stages=k, train_steps=100 + ft, finetune_steps=ft, seed=seed,
+                  fid=fids[k] + ft + seed, recall=0.25) for k in (2, 3) for ft in (10, 20)
+             for seed in (0, 1)]
+    return dict(rows=rows, finetune_steps=[10, 20], seeds=[0, 1],
+                config=dict(train=dict(lr=1e-3), mini_repro=dict(
+                    finetune_lr=lr, finetune_warmup_fraction=warmup, finetune_ema_decay=ema)))
+  table = mini_repro.recipe_table([result(0.0, 0.25, 0.95, {2: 20.0, 3: 30.0}),
+                                   result(3e-4, 0.0, 0.99, {2: 40.0, 3: 50.0})])
+  assert table.startswith('The SiT they start from (100 steps): FID 10.00, recall 0.500.')
+  assert '| 0.001 | 25% | 0.95 | 10 | 30.00 | 0.250 | 40.00 | 0.250 |' in table  # lr 0: SiT's
+  assert '| 0.0003 | 0% | 0.99 | 10 | 50.00 | 0.250 | 60.00 | 0.250 |' in table

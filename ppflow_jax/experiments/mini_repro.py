@@ -413,6 +413,30 @@ def change_table(rows: list[dict]) -> list[str]:
   return lines + ['']
 
 
+def recipe_table(results: list[dict]) -> str:
+  """Markdown: the fine-tuning recipes of several runs on the same SiT side by side (one line
+  per run: peak lr, warm-up, EMA decay; FID / recall of each PPF at the run's shortest
+  fine-tune, first seed), after a line with the SiT's own scores."""
+  sit = next(r for r in results[0]['rows'] if r['stages'] == 1 and r['train_steps'])
+  lines = [f'The SiT they start from ({sit["train_steps"]} steps): FID {sit["fid"]:.2f}, '
+           f'recall {sit["recall"]:.3f}.', '',
+           '| fine-tuning lr | warm-up | EMA decay | steps | PPF-2 FID | PPF-2 recall | '
+           'PPF-3 FID | PPF-3 recall |', '|---|---|---|---|---|---|---|---|']
+  for result in results:
+    mr, train = result['config']['mini_repro'], result['config']['train']
+    # Runs from before finetune_lr / finetune_warmup_fraction existed used train.lr and 25%.
+    steps, seed = min(result['finetune_steps']), result['seeds'][0]
+    cells = []
+    for stages in (2, 3):
+      row = next(r for r in result['rows'] if (r['stages'], r['finetune_steps'], r['seed'])
+                 == (stages, steps, seed))
+      cells += [f'{row["fid"]:.2f}', f'{row["recall"]:.3f}']
+    lines.append(f'| {mr.get("finetune_lr") or train["lr"]:g} | '
+                 f'{100 * mr.get("finetune_warmup_fraction", 0.25):g}% | '
+                 f'{mr["finetune_ema_decay"]:g} | {steps} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
 def plot(result: dict, path: str) -> None:
   """FID against measured seconds per batch, one point per trained model."""
   import matplotlib  # pylint: disable=g-import-not-at-top
