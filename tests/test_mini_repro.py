@@ -103,6 +103,9 @@ def test_converged_quick_run(tmp_path):
       assert r['train_steps'] == sit_steps + r['finetune_steps']
       for key in ('fid', 'precision', 'recall', 'seconds_per_batch', 'fid_floor_n'):
         assert np.isfinite(r[key]), (r['model'], key)
+    if r['stages'] > 1 and r['finetune_steps']:  # the 'why' columns of every fine-tune
+      assert np.isfinite(r['fid_finest_only'])
+      assert r['param_change']['blocks'] > 0 and np.isfinite(r['param_change']['embed[0]'])
   # Every model runs the recipe's patches (converged: doubled) and its row says so.
   labels = {r['stages']: r['model'] for r in result['rows'] if r['train_steps']}
   assert labels == {1: 'SiT (4x4)', 2: 'PPF-2 (8x8 | 4x4)', 3: 'PPF-3 (8x8 | 4x8 | 4x4)'}
@@ -180,6 +183,7 @@ def test_markdown_aggregates_seeds_and_lists_the_plateau():
     if r['finetune_steps']:
       r['param_change'] = {'blocks': 0.01 * (1 + r['seed']), 'embed[0]': 0.5,
                            'de-embed[0]': 0.25, 'level_embedder': 2.0}
+      r['fid_finest_only'] = 12.0 + r['seed']
   result = dict(rows=rows, sampler='euler', num_samples=20, sample_batch=10, device='cpu',
                 floor_samples=10, classifier_test_accuracy=0.9, seeds=[0, 1],
                 plateau=[dict(step=50, loss=0.5, fid=12.0), dict(step=100, loss=0.49, fid=11.9)],
@@ -190,8 +194,9 @@ def test_markdown_aggregates_seeds_and_lists_the_plateau():
   assert '| SiT (2x2) | 100 | 10.00 |' in table
   assert '| 50 | 0.5000 | 12.00 |' in table and 'max_steps=100 reached' in table
   # The weight-change table: one line per fine-tuned model, groups in a fixed order, seed means.
-  assert '| model | fine-tuning steps | blocks | embed[0] | de-embed[0] | level_embedder |' in table
-  assert '| PPF-2 (4x4 \\| 2x2) | 10 | 0.015 | 0.500 | 0.250 | 2.000 |' in table
+  assert ('| model | fine-tuning steps | FID finest only | blocks | embed[0] | de-embed[0] | '
+          'level_embedder |') in table
+  assert '| PPF-2 (4x4 \\| 2x2) | 10 | 12.50 | 0.015 | 0.500 | 0.250 | 2.000 |' in table
 
 
 def test_param_change_is_relative_per_group():

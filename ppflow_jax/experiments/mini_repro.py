@@ -294,6 +294,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, models: dict, seco
     if k.stages > 1 and k.finetune_steps:  # against the same seed's initialised PPF
       init = models[k._replace(finetune_steps=0)].params
       row['param_change'] = param_change(jax.device_get(init), jax.device_get(model.params))
+      # The same weights at the finest patch for every t (same noise as the rows): how much
+      # of the gap to the SiT is the coarse stages and how much the shared blocks drifting.
+      finest = model.generate(labels[:len(x)], seed=1234, force_finest=True)
+      row['fid_finest_only'] = evaluator.score(np.clip(np.asarray(finest), -1.0, 1.0),
+                                               labels[:len(x)])['fid']
     rows.append(row)
   base = next(r for r in rows if r['stages'] == 1 and r['train_steps'])
   for r in rows:
@@ -389,25 +394,29 @@ def plateau_summary(config: ml_collections.ConfigDict, history: list[dict]) -> d
 
 
 def change_table(rows: list[dict]) -> list[str]:
-  """Markdown lines: per fine-tuned PPF (mean over seeds) how far each weight group moved from
-  the initialisation (param_change); none for results that predate it."""
-  groups = {}
+  """Markdown lines: per fine-tuned PPF (mean over seeds) its FID at the finest patch only and
+  how far each weight group moved from the initialisation; none for results without them."""
+  groups = {}  # (model, fine-tuning steps) -> its rows over seeds
   for r in rows:
     if 'param_change' in r:
-      groups.setdefault((r['model'], r['finetune_steps']), []).append(r['param_change'])
+      groups.setdefault((r['model'], r['finetune_steps']), []).append(r)
   if not groups:
     return []
   order = ('blocks', 'embed', 'de-embed', 'final_modulation', 'level_embedder', 't_embedder',
            'y_embedder')
-  names = sorted({g for changes in groups.values() for c in changes for g in c},
+  names = sorted({g for rs in groups.values() for r in rs for g in r['param_change']},
                  key=lambda g: (order.index(g.split('[')[0]), g))
-  lines = ['Weight change of fine-tuning: ||EMA - init|| / ||init|| per group (mean over seeds; '
-           'stage 0 is the coarsest; level_embedder starts fresh).', '',
-           '| model | fine-tuning steps | ' + ' | '.join(names) + ' |',
-           '|---|---|' + '---|' * len(names)]
-  for (model, ft), changes in groups.items():
-    cells = [f'{np.mean([c[g] for c in changes if g in c]):.3f}' if any(g in c for c in changes)
-             else '' for g in names]
+  lines = ['Where fine-tuning goes (mean over seeds): FID of the same weights sampled at the '
+           'finest patch for every t (same noise), and per weight group ||EMA - init|| / ||init|| '
+           '(stage 0 is the coarsest; level_embedder starts fresh).', '',
+           '| model | fine-tuning steps | FID finest only | ' + ' | '.join(names) + ' |',
+           '|---|---|---|' + '---|' * len(names)]
+  for (model, ft), rs in groups.items():
+    finest = [r['fid_finest_only'] for r in rs if 'fid_finest_only' in r]
+    cells = [f'{np.mean(finest):.2f}' if finest else '']
+    for g in names:
+      moved = [r['param_change'][g] for r in rs if g in r['param_change']]
+      cells.append(f'{np.mean(moved):.3f}' if moved else '')
     model = model.replace('|', '\\|')  # a literal bar inside a Markdown cell
     lines.append(f'| {model} | {ft} | ' + ' | '.join(cells) + ' |')
   return lines + ['']
