@@ -55,6 +55,17 @@ def mini_repro_table(result: dict) -> str:
                      itertools.groupby(lines, lambda l: l.startswith('|')) if is_table)
 
 
+def mini_repro_results_table(result: dict) -> str:
+  """The mini reproduction's results table only (no weight change or plateau history)."""
+  return mini_repro_table(result).split('\n\n')[0]
+
+
+def mini_repro_recipe_table(results: list[dict]) -> str:
+  """Fine-tuning recipes side by side (a folder of mini reproduction results on one SiT)."""
+  from ppflow_jax.experiments import mini_repro  # pylint: disable=g-import-not-at-top
+  return mini_repro.recipe_table(results)
+
+
 def bench_table(result: dict) -> str:
   """A benchmark's Markdown table (the JSON of any `ppflow_jax.bench` module with a `table`)."""
   import importlib  # pylint: disable=g-import-not-at-top
@@ -97,6 +108,12 @@ TABLES = (
     Table('mini_repro', ('docs/mini_repro.md',), 'docs/mini_repro_results.json', mini_repro_table),
     Table('mini_repro_ft50', ('docs/mini_repro.md',), 'docs/mini_repro_ft50_results.json',
           mini_repro_table),
+    Table('mini_repro_converged', ('docs/mini_repro.md',),
+          'docs/mini_repro_converged/0_default.json', mini_repro_table),
+    Table('mini_repro_converged_results', ('README.md',),
+          'docs/mini_repro_converged/0_default.json', mini_repro_results_table),
+    Table('mini_repro_converged_recipes', ('docs/mini_repro.md',), 'docs/mini_repro_converged',
+          mini_repro_recipe_table),
     Table('schedule_search_flexidit3', ('docs/beyond_paper.md',),
           'docs/schedule_search_flexidit3.json', schedule_search_table),
     Table('schedule_search_flexidit3_asrun', ('docs/beyond_paper.md',),
