@@ -64,7 +64,8 @@ from ppflow_jax.evaluation import sample as sample_lib
 # count 0 is the untrained SiT.
 _DIRS = {stages: name for name, (_, stages) in config_lib.PAPER_MODELS.items()}
 PLATEAU = 'plateau.json'  # the SiT workdir's plateau history: [{step, loss, fid}]
-PLATEAU_SEED = 4321       # sampling noise of the plateau checks (not the results' 1234)
+SAMPLE_SEED = 1234        # sampling noise of the results' rows (the same for every model)
+PLATEAU_SEED = 4321       # sampling noise of the plateau checks
 
 
 class Key(typing.NamedTuple):
@@ -272,7 +273,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, models: dict, seco
              evaluator: fmnist_features.FMNISTEvaluator) -> dict:
   """Samples, scores and times every model -> the results dict (also written as JSON)."""
   t0 = time.time()
-  images, times, labels = sample_interleaved(config, models, seed=1234)
+  images, times, labels = sample_interleaved(config, models, seed=SAMPLE_SEED)
   seconds['sampling'] = time.time() - t0
   nf = config.mini_repro.floor_samples
   sit_steps = models[Key(1, 0, config.seed)].step
@@ -294,9 +295,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, models: dict, seco
     if k.stages > 1 and k.finetune_steps:  # against the same seed's initialised PPF
       init = models[k._replace(finetune_steps=0)].params
       row['param_change'] = param_change(jax.device_get(init), jax.device_get(model.params))
-      # The same weights at the finest patch for every t (same noise as the rows): how much
-      # of the gap to the SiT is the coarse stages and how much the shared blocks drifting.
-      finest = model.generate(labels[:len(x)], seed=1234, force_finest=True)
+      # The same weights at the finest patch for every t, same noise as the rows: what the
+      # shared blocks still do as a SiT (this also counts what the finest stage forgets at the
+      # coarse stages' t, where fine-tuning no longer trains it).
+      finest = model.generate(labels[:len(x)], seed=SAMPLE_SEED, force_finest=True)
       row['fid_finest_only'] = evaluator.score(np.clip(np.asarray(finest), -1.0, 1.0),
                                                labels[:len(x)])['fid']
     rows.append(row)
@@ -433,15 +435,14 @@ def recipe_table(results: list[dict]) -> str:
            'PPF-3 FID | PPF-3 recall |', '|---|---|---|---|---|---|---|---|']
   for result in results:
     mr, train = result['config']['mini_repro'], result['config']['train']
-    # Runs from before finetune_lr / finetune_warmup_fraction existed used train.lr and 25%.
     steps, seed = min(result['finetune_steps']), result['seeds'][0]
     cells = []
     for stages in (2, 3):
       row = next(r for r in result['rows'] if (r['stages'], r['finetune_steps'], r['seed'])
                  == (stages, steps, seed))
       cells += [f'{row["fid"]:.2f}', f'{row["recall"]:.3f}']
-    lines.append(f'| {mr.get("finetune_lr") or train["lr"]:g} | '
-                 f'{100 * mr.get("finetune_warmup_fraction", 0.25):g}% | '
+    lines.append(f'| {mr["finetune_lr"] or train["lr"]:g} | '
+                 f'{100 * mr["finetune_warmup_fraction"]:g}% | '
                  f'{mr["finetune_ema_decay"]:g} | {steps} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
@@ -528,7 +529,8 @@ def define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'Where models, samples and results go.')
   config_flags.DEFINE_config_file(
       'config', config_lib.find_config('mini_repro'), 'The recipe: configs/mini_repro.py (full '
-      'run), mini_repro:quick (1-2 min smoke test), mini_repro:converged (SiT to its plateau); overrides with --config.x=y.',
+      'run), mini_repro:quick (1-2 min smoke test), mini_repro:converged (SiT to its plateau); '
+      'overrides with --config.x=y.',
       lock_config=True)
   flags.DEFINE_bool('only_sit', False, 'Train or extend only the SiT baseline to its plateau '
                     '(the converged recipes) and print its history; no fine-tunes, no results.')
