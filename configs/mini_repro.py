@@ -12,10 +12,9 @@ rest. The experiment swaps in the PPF-2 / PPF-3 schedules and the fine-tuning fi
 Arguments: None (the full run, ~25 min on 2 CPU cores), 'quick' (a 1-2 min smoke test with a
 one-block model; meaningless numbers), 'converged' (issue 14 item 6: the SiT, at doubled
 patches, trained until its loss and FID plateau, checked every 500 steps up to 6k; PPF-2/3
-fine-tuned for 10% and 20% of its steps with two seeds, plus the initialised PPFs; ~1.5 CPU
-hours, resumable) and
-'converged_quick' (its smoke test with the 'quick' model). Euler in 'quick': one program per stage (Heun's stage
-crossings compile more).
+fine-tuned for 10% and 20% of its steps with two seeds, plus the initialised PPFs; ~1 hour on 2
+cores, resumable; docs/mini_repro.md) and 'converged_quick' (its smoke test with the 'quick'
+model). Euler in 'quick': one program per stage (Heun's stage crossings compile more).
 """
 
 import ml_collections
@@ -47,9 +46,9 @@ def get_config(arg=None):
       classifier_steps=0,       # Fashion-MNIST classifier steps; 0 = its default
   ))
   if arg in ('converged', 'converged_quick'):
-    # Patches doubled (64 tokens at the finest stage instead of 256): ~2.7x faster steps, so a
-    # 2-core box reaches the plateau in about an hour; patch_scale=1, max_steps=20000 is the
-    # 2x2 version (many CPU hours).
+    # Patches doubled (64 tokens at the finest stage instead of 256): ~2.5x faster SiT steps, so
+    # 6000 steps take ~45 min on 2 cores; patch_scale=1, max_steps=20000 is the 2x2 version
+    # (many CPU hours).
     c.mini_repro.update(finetune_fractions=(0.1, 0.2), seeds=(0, 1), plateau_every=500,
                         max_steps=6000, patch_scale=2)
     c.train.log_every = 25
