@@ -171,7 +171,7 @@ def test_finetune_fields_set_the_finetune_recipe_only():
   assert (sit.train.lr, sit.train.warmup_steps) == (config.train.lr, config.train.warmup_steps)
 
 
-def test_markdown_aggregates_seeds_and_lists_the_plateau():
+def test_markdown_aggregates_seeds_and_lists_the_plateau(tmp_path):
   def row(model, stages, ft, seed, fid):
     return dict(model=model, stages=stages, train_steps=100 + ft, finetune_steps=ft, seed=seed,
                 fid_floor_n=fid, fid=fid, precision=0.5, recall=0.25, seconds_per_batch=2.0,
@@ -189,6 +189,8 @@ def test_markdown_aggregates_seeds_and_lists_the_plateau():
                 plateau=[dict(step=50, loss=0.5, fid=12.0), dict(step=100, loss=0.49, fid=11.9)],
                 plateau_every=50, plateau_stop='max_steps=100 reached before a plateau')
   table = mini_repro.markdown(result)
+  mini_repro.plot(result, str(tmp_path / 'fid_vs_time.png'))  # one point per seed group
+  assert (tmp_path / 'fid_vs_time.png').stat().st_size > 0
   assert '| PPF-2 (4x4 \\| 2x2) | 100 + 0 | 21.00 ± 1.00 |' in table
   assert '| PPF-2 (4x4 \\| 2x2) | 100 + 10 | 31.00 ± 1.00 |' in table
   assert '| SiT (2x2) | 100 | 10.00 |' in table

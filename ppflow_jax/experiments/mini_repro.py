@@ -323,6 +323,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, models: dict, seco
   return result
 
 
+def seed_groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+  """(model, train steps, fine-tuning steps) -> its rows over seeds, in row order."""
+  groups = {}
+  for r in rows:
+    groups.setdefault((r['model'], r['train_steps'], r.get('finetune_steps')), []).append(r)
+  return groups
+
+
 def _cell(rows: list[dict], key: str, fmt: str) -> str:
   """One table cell: the value, or over several seeds 'mean ± half the range'."""
   values = [r[key] for r in rows]
@@ -346,10 +354,7 @@ def markdown(result: dict) -> str:
       f' speed-up | testing FLOPs | FID@{floor} |',
       '|---|---|---|---|---|---|---|---|---|']
   sit_steps = min(r['train_steps'] for r in result['rows'] if r['train_steps'])  # the SiT's
-  groups = {}  # (model, train steps, fine-tuning steps) -> its rows over seeds, in row order
-  for r in result['rows']:
-    groups.setdefault((r['model'], r['train_steps'], r.get('finetune_steps')), []).append(r)
-  for (name, train_steps, ft), rows in groups.items():
+  for (name, train_steps, ft), rows in seed_groups(result['rows']).items():
     model = name.replace('|', '\\|')  # a literal bar inside a Markdown cell
     floor_fid = _cell(rows, 'fid_floor_n', '.2f')
     if 'fid' not in rows[0]:
@@ -448,22 +453,34 @@ def recipe_table(results: list[dict]) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-  """FID against measured seconds per batch, one point per trained model."""
+  """FID (log scale) against measured seconds per batch: one point per model and training
+  budget, over seeds the mean with bars spanning the range."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  for r in result['rows']:
-    if 'fid' in r:
-      ax.scatter(r['seconds_per_batch'], r['fid'], s=40)
-      ft = f' +{r["finetune_steps"]}' if r.get('finetune_steps') is not None and r['stages'] > 1 else ''
-      ax.annotate(f'{r["model"].split(" ")[0]}{ft} ({100 * r["flops_ratio"]:.0f}% FLOPs)',
-                  (r['seconds_per_batch'], r['fid']), textcoords='offset points', xytext=(5, 5),
-                  fontsize=8)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for (name, _, ft), rows in seed_groups(result['rows']).items():
+    if 'fid' not in rows[0]:
+      continue
+    fid = np.array([r['fid'] for r in rows])
+    sec = np.array([r['seconds_per_batch'] for r in rows])
+    ax.errorbar(sec.mean(), fid.mean(), fmt='o',
+                yerr=[[fid.mean() - fid.min()], [fid.max() - fid.mean()]],
+                xerr=[[sec.mean() - sec.min()], [sec.max() - sec.mean()]])
+    label = name.split(' ')[0] + (f' +{ft}' if ft is not None and rows[0]['stages'] > 1 else '')
+    # Labels of one model's budgets sit close together: odd-stage models label to the left,
+    # longer fine-tunes below their point.
+    left, below = rows[0]['stages'] % 2 == 1 and rows[0]['stages'] > 1, bool(ft) and ft > min(
+        result.get('finetune_steps') or [ft])
+    ax.annotate(f'{label} ({100 * rows[0]["flops_ratio"]:.0f}% FLOPs)', (sec.mean(), fid.mean()),
+                textcoords='offset points', xytext=(-6 if left else 6, -11 if below else 4),
+                ha='right' if left else 'left', fontsize=8)
+  ax.set_yscale('log')
   ax.set_xlabel(f'sampling seconds per batch of {result["sample_batch"]}')
-  ax.set_ylabel('FID (Fashion-MNIST features)')
+  ax.set_ylabel('FID (Fashion-MNIST features, log scale)')
   ax.set_title('Mini reproduction: quality vs sampling time')
-  ax.margins(0.25)
+  ax.margins(y=0.2)
+  ax.set_xlim(0, ax.get_xlim()[1] * 1.15)  # from 0: time ratios read off the axis
   fig.tight_layout()
   report.save_figure(fig, path, dpi=110)
 
