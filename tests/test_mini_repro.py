@@ -48,7 +48,9 @@ def test_quick_run(tmp_path):
     assert rows[k]['seconds_per_batch'] > 0 and np.isfinite(rows[k]['fid'])
     assert 0 <= rows[k]['precision'] <= 1 and 0 <= rows[k]['recall'] <= 1
   table = open(os.path.join(workdir, 'results.md')).read()
-  assert table.count('| PPF-') == 4 and '| SiT (2x2) |' in table
+  results, changes = table.split('Where fine-tuning goes')
+  assert results.count('| PPF-') == 4 and '| SiT (2x2) |' in results
+  assert changes.count('| PPF-') == 2  # one weight-change line per fine-tuned PPF
   assert f'| {sit_steps} + 0 |' in table and f'| {sit_steps} + {ft} |' in table
 
   # The fine-tunes started from the paper's initialisation of the SiT's EMA weights: the
