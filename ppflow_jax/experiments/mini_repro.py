@@ -278,6 +278,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, models: dict, seco
   nf = config.mini_repro.floor_samples
   sit_steps = models[Key(1, 0, config.seed)].step
   rows = []
+  finest_samplers = {}  # stages -> one finest-only sampler per schedule (params are an argument)
   for k, model in models.items():
     x = np.clip(images[k], -1.0, 1.0)
     row = dict(model='untrained SiT' if k.stages == 0 else config_lib.model_label(
@@ -298,7 +299,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, models: dict, seco
       # The same weights at the finest patch for every t, same noise as the rows: what the
       # shared blocks still do as a SiT (this also counts what the finest stage forgets at the
       # coarse stages' t, where fine-tuning no longer trains it).
-      finest = model.generate(labels[:len(x)], seed=SAMPLE_SEED, force_finest=True)
+      sampler = finest_samplers.setdefault(k.stages, model.sampler(force_finest=True))
+      finest, _ = sampling.sample_in_chunks(sampler, model.params, model.latent_shape,
+                                            labels[:len(x)], SAMPLE_SEED,
+                                            config.sample.batch_size)
       row['fid_finest_only'] = evaluator.score(np.clip(np.asarray(finest), -1.0, 1.0),
                                                labels[:len(x)])['fid']
     rows.append(row)
@@ -403,10 +407,8 @@ def plateau_summary(config: ml_collections.ConfigDict, history: list[dict]) -> d
 def change_table(rows: list[dict]) -> list[str]:
   """Markdown lines: per fine-tuned PPF (mean over seeds) its FID at the finest patch only and
   how far each weight group moved from the initialisation; none for results without them."""
-  groups = {}  # (model, fine-tuning steps) -> its rows over seeds
-  for r in rows:
-    if 'param_change' in r:
-      groups.setdefault((r['model'], r['finetune_steps']), []).append(r)
+  groups = {(model, ft): rs for (model, _, ft), rs in seed_groups(rows).items()
+            if 'param_change' in rs[0]}
   if not groups:
     return []
   order = ('blocks', 'embed', 'de-embed', 'final_modulation', 'level_embedder', 't_embedder',
@@ -468,10 +470,10 @@ def plot(result: dict, path: str) -> None:
                 yerr=[[fid.mean() - fid.min()], [fid.max() - fid.mean()]],
                 xerr=[[sec.mean() - sec.min()], [sec.max() - sec.mean()]])
     label = name.split(' ')[0] + (f' +{ft}' if ft is not None and rows[0]['stages'] > 1 else '')
-    # Labels of one model's budgets sit close together: odd-stage models label to the left,
-    # longer fine-tunes below their point.
-    left, below = rows[0]['stages'] % 2 == 1 and rows[0]['stages'] > 1, bool(ft) and ft > min(
-        result.get('finetune_steps') or [ft])
+    # Labels of one model's budgets sit close together: PPF-3's go to the left of their point,
+    # those of fine-tunes longer than the shortest below it.
+    left = rows[0]['stages'] == 3
+    below = bool(ft) and ft > min(result.get('finetune_steps') or [ft])
     ax.annotate(f'{label} ({100 * rows[0]["flops_ratio"]:.0f}% FLOPs)', (sec.mean(), fid.mean()),
                 textcoords='offset points', xytext=(-6 if left else 6, -11 if below else 4),
                 ha='right' if left else 'left', fontsize=8)
