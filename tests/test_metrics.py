@@ -56,6 +56,21 @@ def test_fid_real_and_finite_for_rank_deficient_covariances():
       _scipy_fid(mu1, s1 + 1e-10 * np.eye(d), mu2, s_full), rel=1e-4)
 
 
+def test_fid_bootstrap_std_matches_the_spread_over_fresh_samples():
+  # Features from N(0.3, I) against the reference N(0, I): the bootstrap spread of one sample's
+  # FID estimates how much the FID of a fresh sample of the same size moves.
+  rng = np.random.default_rng(0)
+  d, n = 8, 400
+  mu_ref, sigma_ref = np.zeros(d), np.eye(d)
+  fresh = [metrics.fid(*metrics.feature_stats(rng.normal(0.3, 1.0, (n, d))), mu_ref, sigma_ref)
+           for _ in range(60)]
+  boot = metrics.fid_bootstrap_std(rng.normal(0.3, 1.0, (n, d)), mu_ref, sigma_ref, draws=60)
+  assert 0.6 < boot / np.std(fresh, ddof=1) < 1.6
+  # Four times the samples: about half the noise.
+  boot4 = metrics.fid_bootstrap_std(rng.normal(0.3, 1.0, (4 * n, d)), mu_ref, sigma_ref, draws=60)
+  assert 0.3 < boot4 / boot < 0.8
+
+
 def test_fid_rejects_bad_shapes_and_nans():
   with pytest.raises(ValueError, match='inconsistent shapes'):
     metrics.fid(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))

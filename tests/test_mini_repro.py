@@ -83,12 +83,13 @@ def test_converged_quick_run(tmp_path):
   history = result['plateau']
   steps = [h['step'] for h in history]
   assert steps == list(range(mr.plateau_every, steps[-1] + 1, mr.plateau_every))
-  assert all(np.isfinite(h['loss']) and np.isfinite(h['fid']) for h in history)
+  assert all(np.isfinite(h['loss']) and np.isfinite(h['fid']) and h['fid_std'] > 0
+             for h in history)
   with open(os.path.join(workdir, 'sit', mini_repro.PLATEAU)) as f:
     assert json.load(f) == history
-  reached = mini_repro.plateaued(history, mr.patience, mr.plateau_tol)
+  reached = mini_repro.plateaued(history, mr.patience, mr.plateau_tol, mr.plateau_noise)
   assert reached or steps[-1] == mr.max_steps
-  assert not any(mini_repro.plateaued(history[:i], mr.patience, mr.plateau_tol)
+  assert not any(mini_repro.plateaued(history[:i], mr.patience, mr.plateau_tol, mr.plateau_noise)
                  for i in range(1, len(history)))  # it stopped at the first plateau
   sit_steps = result['sit_steps']
   assert sit_steps == steps[-1]
@@ -133,10 +134,21 @@ def test_plateaued_needs_patience_checks_without_relative_improvement():
   assert not mini_repro.plateaued(h2, patience=2, tol=0.02)
 
 
+def test_plateaued_counts_an_fid_gain_within_the_checks_noise_as_flat():
+  h = [dict(loss=1.0, fid=20.0, fid_std=1.5), dict(loss=1.0, fid=17.5, fid_std=1.5)]
+  assert not mini_repro.plateaued(h, patience=1, tol=0.02)  # 12.5% better: not flat by tol
+  assert mini_repro.plateaued(h, patience=1, tol=0.02, noise=2.0)  # 2.5 < 2 x 1.5: noise
+  assert not mini_repro.plateaued(h, patience=1, tol=0.02, noise=1.0)  # 2.5 > 1 x 1.5
+  # The best recent check's noise counts; a history without 'fid_std' falls back to tol.
+  h2 = [dict(loss=1.0, fid=20.0), dict(loss=1.0, fid=17.5)]
+  assert not mini_repro.plateaued(h2, patience=1, tol=0.02, noise=2.0)
+
+
 @pytest.mark.parametrize('field,value,says', [
     ('seeds', (), 'seeds and .finetune_fractions'),
     ('finetune_fractions', (0.0,), 'must be > 0'),
     ('max_steps', 3, 'max_steps=3 must be >= plateau_every=5'),
+    ('plateau_noise', -1.0, 'plateau_noise=-1.0 >= 0'),
     ('patch_scale', 3, 'patch_scale=3 must be 1, 2 or 4'),
     ('finetune_warmup_fraction', 1.0, 'finetune_warmup_fraction=1.0 must be in [0, 1)'),
     ('finetune_lr', -1.0, 'finetune_lr=-1.0 >= 0'),

@@ -214,11 +214,13 @@ class FMNISTEvaluator:
     images = self._check_images(images)
     return _batched(lambda x: self._features(self._state, x), images, self.batch_size)
 
-  def score(self, images: np.ndarray, labels: np.ndarray | None = None) -> dict:
+  def score(self, images: np.ndarray, labels: np.ndarray | None = None,
+            fid_draws: int = 0) -> dict:
     """FID, precision and recall (k=3) vs the 10k test images; images: (N >= 2, 32, 32, 1).
 
     `accuracy_of_labels`: fraction of samples the classifier assigns to their conditioning
-    label (None without labels); shuffled or ignored labels give ~0.1.
+    label (None without labels); shuffled or ignored labels give ~0.1. With fid_draws > 0 also
+    `fid_std`: the FID's bootstrap standard deviation over that many resamples of the images.
     """
     images = self._check_images(images)
     feats = _batched(lambda x: self._features(self._state, x), images, self.batch_size)
@@ -228,6 +230,9 @@ class FMNISTEvaluator:
                                                  ref_radii=self._ref['radii'])
     out = dict(fid=metrics.fid(mu, sigma, self._ref['mu'], self._ref['sigma']),
                precision=precision, recall=recall, accuracy_of_labels=None)
+    if fid_draws:
+      out['fid_std'] = metrics.fid_bootstrap_std(feats, self._ref['mu'], self._ref['sigma'],
+                                                 fid_draws)
     if labels is not None:
       labels = np.asarray(labels)
       if labels.shape != (len(images),):

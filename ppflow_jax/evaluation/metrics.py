@@ -70,6 +70,19 @@ def fid(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
+def fid_bootstrap_std(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray,
+                      draws: int = 20, seed: int = 0) -> float:
+  """How much the FID of `features: (N, D)` against N(mu_ref, sigma_ref) moves with the sample:
+  the standard deviation of the FID over `draws` resamples (with replacement) of the N rows.
+  It measures the noise of one FID check from the samples already drawn, so a change smaller
+  than a few of these is not evidence that the model changed."""
+  features = np.asarray(features, np.float64)
+  rng = np.random.default_rng(seed)
+  fids = [fid(*feature_stats(features[rng.integers(0, len(features), len(features))]),
+              mu_ref, sigma_ref) for _ in range(draws)]
+  return float(np.std(fids, ddof=1))
+
+
 ADM_IS_SPLIT_SIZE = 5000  # ADM's evaluator: IS over contiguous chunks of 5,000 samples.
 PR_DISTANCES = ('float16', 'float32', 'float64')
 

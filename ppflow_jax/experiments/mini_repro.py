@@ -66,6 +66,7 @@ _DIRS = {stages: name for name, (_, stages) in config_lib.PAPER_MODELS.items()}
 PLATEAU = 'plateau.json'  # the SiT workdir's plateau history: [{step, loss, fid}]
 SAMPLE_SEED = 1234        # sampling noise of the results' rows (the same for every model)
 PLATEAU_SEED = 4321       # sampling noise of the plateau checks
+PLATEAU_FID_DRAWS = 20    # bootstrap resamples that measure a plateau check's FID noise
 
 
 class Key(typing.NamedTuple):
@@ -116,10 +117,12 @@ def check_recipe(config: ml_collections.ConfigDict) -> None:
   if mr.patch_scale not in (1, 2, 4):
     raise errors.UserError(f'config.mini_repro.patch_scale={mr.patch_scale!r} must be 1, 2 or 4 '
                            '(each side of every paper patch is multiplied by it)')
-  if mr.plateau_every and (mr.max_steps < mr.plateau_every or mr.patience < 1):
+  if mr.plateau_every and (mr.max_steps < mr.plateau_every or mr.patience < 1
+                          or mr.plateau_noise < 0 or mr.plateau_samples < 2):
     raise errors.UserError(
         f'config.mini_repro: max_steps={mr.max_steps} must be >= plateau_every='
-        f'{mr.plateau_every} and patience={mr.patience} >= 1 (or plateau_every=0: train '
+        f'{mr.plateau_every}, patience={mr.patience} >= 1, plateau_noise={mr.plateau_noise} '
+        f'>= 0 and plateau_samples={mr.plateau_samples} >= 2 (or plateau_every=0: train '
         'config.train.steps with no plateau loop)')
 
 
@@ -165,9 +168,10 @@ def train_sit(config: ml_collections.ConfigDict, workdir: str,
               evaluator: fmnist_features.FMNISTEvaluator) -> tuple:
   """The SiT baseline -> (trainer, state, plateau history). Without config.mini_repro.plateau_every
   it trains config.train.steps. With it, it trains in chunks of plateau_every steps up to
-  max_steps; after each chunk the EMA's FID on plateau_samples images and the chunk's mean
-  training loss (metrics.jsonl) are appended to workdir/plateau.json (a rerun resumes from it),
-  and training stops once neither improved over the last `patience` chunks (`plateaued`)."""
+  max_steps; after each chunk the EMA's FID on plateau_samples images (with its bootstrap
+  noise) and the chunk's mean training loss (metrics.jsonl) are appended to
+  workdir/plateau.json (a rerun resumes from it), and training stops once neither improved over
+  the last `patience` chunks (`plateaued`)."""
   mr = config.mini_repro
   if not mr.plateau_every:
     return (*loop.train_and_evaluate(make_config(config, 1), workdir), [])
@@ -175,7 +179,8 @@ def train_sit(config: ml_collections.ConfigDict, workdir: str,
   history = json.loads(paths.read_text(record)) if paths.exists(record) else []
   while True:
     done = history[-1]['step'] if history else 0
-    stop = done >= mr.max_steps or plateaued(history, mr.patience, mr.plateau_tol)
+    stop = done >= mr.max_steps or plateaued(history, mr.patience, mr.plateau_tol,
+                                             mr.plateau_noise)
     cfg = make_config(config, 1)
     cfg.train.steps = done if stop else min(done + mr.plateau_every, mr.max_steps)
     trainer, state = loop.train_and_evaluate(cfg, workdir)  # at `done`: reloads the checkpoint
@@ -184,8 +189,9 @@ def train_sit(config: ml_collections.ConfigDict, workdir: str,
     model = inference.Inference.from_trainer(trainer, state.ema, step=state.step)
     labels = (np.arange(mr.plateau_samples) % 10).astype(np.int32)
     images = np.clip(np.asarray(model.generate(labels, seed=PLATEAU_SEED)), -1.0, 1.0)
+    scores = evaluator.score(images, labels, fid_draws=PLATEAU_FID_DRAWS)
     history.append(dict(step=cfg.train.steps, loss=chunk_loss(workdir, done, cfg.train.steps),
-                        fid=evaluator.score(images, labels)['fid']))
+                        fid=scores['fid'], fid_std=scores['fid_std']))
     logging.info('plateau check at step %d: %s', cfg.train.steps, history[-1])
     paths.write_text(record, json.dumps(history, indent=2))
 
@@ -200,16 +206,19 @@ def chunk_loss(workdir: str, start: int, end: int) -> float:
   return float(np.mean(losses))
 
 
-def plateaued(history: list[dict], patience: int, tol: float) -> bool:
+def plateaued(history: list[dict], patience: int, tol: float, noise: float = 0.0) -> bool:
   """True when neither the loss nor the FID of the last `patience` chunks improved on the best
-  before them by more than the relative tolerance `tol`."""
+  before them by more than the relative tolerance `tol`; for the FID also by no more than
+  `noise` times the best recent check's bootstrap std ('fid_std', 0 where not recorded), the
+  change one check's sample alone can make."""
   if len(history) <= patience:
     return False
   before, recent = history[:-patience], history[-patience:]
-  def improved(key):
+  def improved(key, noise_std=0.0):
     best = min(h[key] for h in before)
-    return best - min(h[key] for h in recent) > tol * abs(best)
-  return not (improved('loss') or improved('fid'))
+    return best - min(h[key] for h in recent) > max(tol * abs(best), noise * noise_std)
+  best_recent = min(recent, key=lambda h: h['fid'])
+  return not (improved('loss') or improved('fid', best_recent.get('fid_std', 0.0)))
 
 
 # Per-stage parameter lists (index 0: the coarsest stage) and how the weight-change table names
@@ -388,8 +397,10 @@ def markdown(result: dict) -> str:
 def plateau_lines(result: dict) -> list[str]:
   """Markdown lines: the SiT's plateau history (result['plateau'], ['plateau_every'],
   ['plateau_stop'] as written by plateau_summary)."""
-  lines = ['| SiT step | mean training loss of the chunk | FID (EMA) |', '|---|---|---|']
-  lines += [f'| {h["step"]} | {h["loss"]:.4f} | {h["fid"]:.2f} |' for h in result['plateau']]
+  lines = ['| SiT step | mean training loss of the chunk | FID (EMA) | FID bootstrap std |',
+           '|---|---|---|---|']
+  lines += [f'| {h["step"]} | {h["loss"]:.4f} | {h["fid"]:.2f} | '
+            + (f'{h["fid_std"]:.2f} |' if 'fid_std' in h else '- |') for h in result['plateau']]
   return lines + ['', f'SiT plateau check every {result["plateau_every"]} steps: '
                   f'{result["plateau_stop"]}.', '']
 
@@ -397,10 +408,11 @@ def plateau_lines(result: dict) -> list[str]:
 def plateau_summary(config: ml_collections.ConfigDict, history: list[dict]) -> dict:
   """The results' plateau fields: the history, the check interval and why training stopped."""
   mr = config.mini_repro
-  reached = plateaued(history, mr.patience, mr.plateau_tol)
+  reached = plateaued(history, mr.patience, mr.plateau_tol, mr.plateau_noise)
   return dict(plateau=history, plateau_every=mr.plateau_every, plateau_stop=(
-      f'loss and FID did not improve by more than {100 * mr.plateau_tol:g}% over the last '
-      f'{mr.patience} checks' if reached else f'max_steps={mr.max_steps} reached before a '
+      f'loss and FID did not improve by more than {100 * mr.plateau_tol:g}% (the FID also by '
+      f'no more than {mr.plateau_noise:g}x its bootstrap std) over the last {mr.patience} '
+      'checks' if reached else f'max_steps={mr.max_steps} reached before a '
       'plateau'))
 
 
