@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -84,13 +85,20 @@ def _say(message: str, warn: bool = False) -> None:
     print(message, flush=True)
 
 
+# tensorstore's status payloads: where in its C++ sources, and the full spec of the array (JSON,
+# often kilobytes). They follow the OS's reason ("File too large [os_error_code='27']").
+_TENSORSTORE_PAYLOADS = re.compile(r"\s*\[(?:source locations|tensorstore_spec)='[^']*'\]")
+
+
 def _short(e: BaseException) -> str:
   """The first line of an exception's root cause (orbax wraps tensorstore's message, which names
-  the array and the file, in one that prints a pybind method and pages of specs)."""
+  the array and the file, in one that prints a pybind method and pages of specs), without
+  tensorstore's payloads, so the OS's reason survives."""
   while (e.__cause__ or e.__context__) is not None:
     e = e.__cause__ or e.__context__
-  text = (str(e).strip() or repr(e)).split('\n')[0]
-  if len(text) > 300:  # tensorstore puts the OS's reason ("File too large") last.
+  text = _TENSORSTORE_PAYLOADS.sub('', str(e)).strip() or repr(e)
+  text = text.split('\n')[0]
+  if len(text) > 300:
     text = f'{text[:160]} ... {text[-140:]}'
   return f'{type(e).__name__}: {text}'
 
@@ -240,8 +248,8 @@ class Checkpointer:
   The loop calls `restore_or_init(data_iter)` once, then per step `check_saves`, `should_save`,
   `reached_preemption`, `maybe_save`, and `save(..., force=True)` at the end, then `close()`.
   A failed save raises `CheckpointWriteError` at the first of those calls after it failed
-  (`check_saves` does not wait for a save in progress), naming the last complete step, which
-  stays the latest on disk. With a `lease` (lease.RunLease), every save first checks that this
+  (`check_saves` waits for a save in progress only before the step that ends the next
+  interval), naming the last complete step, which stays the latest on disk. With a `lease` (lease.RunLease), every save first checks that this
   run still holds the workdir.
   """
 
@@ -415,9 +423,12 @@ class Checkpointer:
   def maybe_save(self, step: int, state: TrainState, data_iter) -> None:
     self.save(step, state, data_iter, force=False)
 
-  def check_saves(self) -> None:
-    """Raises CheckpointWriteError if the last save has failed; never waits for one in flight."""
-    if self._pending is not None and not self.manager.is_saving_in_progress():
+  def check_saves(self, step: int) -> None:
+    """Before training `step`: raises CheckpointWriteError if the last save has failed. Waits
+    for a save in flight only when `step` ends an interval (the save after it would wait anyway),
+    so a failed save stops the run before another interval of work is done on top of it."""
+    if self._pending is not None and (step % self.every == 0
+                                      or not self.manager.is_saving_in_progress()):
       self._settle()
 
   def _settle(self) -> None:

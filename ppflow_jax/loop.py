@@ -151,7 +151,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   try:
     with jax.set_mesh(mesh):
       for step in range(start + 1, total + 1):
-        ckpt.check_saves()
+        ckpt.check_saves(step)
         if jax.process_count() == 1:  # A flag read; multi-process jobs check at saves (collective).
           lease.check()
         batch = global_batch(next(data_iter), trainer)

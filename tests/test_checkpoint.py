@@ -266,6 +266,27 @@ def test_failed_save_stops_the_run_and_keeps_the_last_good_step(reference, env, 
   assert_equals_reference(reference, workdir, trainer, 'after a failed save and a rerun')
 
 
+def test_a_tensorstore_error_is_shortened_to_its_os_reason():
+  """tensorstore ends its status with the source locations and the array's full spec; the line
+  shown to the user keeps the file and the OS's reason, whatever the length of the spec."""
+  spec = '{"driver":"zarr","kvstore":{"driver":"file","path":"' + 'deep/' * 300 + '"}}'
+  root = ValueError(
+      'OUT_OF_RANGE: Error opening "zarr" driver: Error writing local file "/w/checkpoints/20/'
+      'state/params.blocks.attn.qkv.kernel/.zarray": Failed to write: File too large '
+      "[os_error_code='27'] [source locations='tensorstore/internal/os/file_util.cc:500\n"
+      "tensorstore/kvstore/file/file_key_value_store.cc:300'] [tensorstore_spec='" + spec + "']")
+  try:
+    try:
+      raise root
+    except ValueError as e:
+      raise RuntimeError('save failed in ' + 'pybind11 method ' * 100) from e
+  except RuntimeError as e:
+    short = checkpoint._short(e)
+  assert short.startswith('ValueError: OUT_OF_RANGE: Error opening "zarr" driver'), short
+  assert short.endswith("File too large [os_error_code='27']"), short
+  assert '.zarray' in short and len(short) < 400, short
+
+
 def test_sigterm_saves_current_step_and_exits_zero(env, tmp_path, trainer):
   workdir = str(tmp_path / 'preempted')
   log = tmp_path / 'log'
