@@ -60,7 +60,7 @@ def test_quick_run(tmp_path):
   from ppflow_jax import sharding  # pylint: disable=g-import-not-at-top
   sit = checkpoint.restore_for_inference(os.path.join(workdir, 'sit'), sit_cfg,
                                          sharding.make_mesh(sit_cfg))
-  init = checkpoint.load_params(os.path.join(workdir, 'ppf2_init_s0'), ppf_cfg,
+  init = checkpoint.load_params(os.path.join(workdir, f'ppf2_sit{sit_steps}_init_s0'), ppf_cfg,
                                 sharding.make_mesh(ppf_cfg))
   sit_flat = traverse_util.flatten_dict(sit.ema)
   init_flat = traverse_util.flatten_dict(init)
@@ -93,6 +93,12 @@ def test_converged_quick_run(tmp_path):
                  for i in range(1, len(history)))  # it stopped at the first plateau
   sit_steps = result['sit_steps']
   assert sit_steps == steps[-1]
+  # The PPFs' workdirs name the SiT step they start from: a SiT trained further (a higher
+  # max_steps, same workdir) gets fresh initialisations instead of reusing these.
+  assert {d for d in os.listdir(workdir) if d.startswith('ppf')} == {
+      f'ppf{k}_sit{sit_steps}_{kind}_s{seed}' for k in (2, 3) for seed in mr.seeds
+      for kind in ['init'] + [f'ft{mini_repro.finetune_steps(sit_steps, f)}'
+                              for f in mr.finetune_fractions]}
 
   # Rows: per seed, per PPF the initialised model and both fine-tuning fractions.
   fts = [mini_repro.finetune_steps(sit_steps, f) for f in mr.finetune_fractions]

@@ -20,8 +20,10 @@ batch (compilation) is not timed and the median over the other batches is report
 (evaluation/fmnist_features.py) against the 10k test images, next to the analytic testing-FLOPs
 ratio (flops.py).
 
-Writes to --workdir: sit/ (with plateau.json in the converged mode), ppf{2,3}_init_s<seed>/,
-ppf{2,3}_ft<steps>_s<seed>/ (training workdirs; a rerun resumes), results.json, results.md,
+Writes to --workdir: sit/ (with plateau.json in the converged mode),
+ppf{2,3}_sit<N>_init_s<seed>/, ppf{2,3}_sit<N>_ft<steps>_s<seed>/ (N: the SiT's steps, so a SiT
+trained further never reuses an old initialisation; training workdirs: a rerun resumes),
+results.json, results.md,
 fid_vs_time.png and samples.png.
 """
 
@@ -146,7 +148,8 @@ def train_models(config: ml_collections.ConfigDict, workdir: str,
   for seed in mr.seeds:
     for stages in (2, 3):
       cfg = make_config(config, stages, seed=seed)
-      init_dir = paths.join(workdir, f'{_DIRS[stages]}_init_s{seed}')
+      prefix = f'{_DIRS[stages]}_sit{sit_steps}'  # from this SiT only (it may be extended)
+      init_dir = paths.join(workdir, f'{prefix}_init_s{seed}')
       if not paths.isdir(paths.join(init_dir, checkpoint.PARAMS_DIR)):
         checkpoint.save_params(init_dir, init_from_sit(sit_ema, cfg), cfg)
       models[Key(stages, 0, seed)] = inference.Inference.from_params(
@@ -156,7 +159,7 @@ def train_models(config: ml_collections.ConfigDict, workdir: str,
         steps = finetune_steps(sit_steps, fraction)
         cfg = make_config(config, stages, finetune_steps=steps, seed=seed)
         cfg.train.init_from = init_dir
-        name = f'{_DIRS[stages]}_ft{steps}_s{seed}'
+        name = f'{prefix}_ft{steps}_s{seed}'
         trainer, state = loop.train_and_evaluate(cfg, paths.join(workdir, name))
         models[Key(stages, steps, seed)] = inference.Inference.from_trainer(
             trainer, state.ema, step=sit_steps + steps)
