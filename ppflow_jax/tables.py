@@ -110,8 +110,10 @@ TABLES = (
           mini_repro_table),
     Table('mini_repro_converged', ('docs/mini_repro.md',),
           'docs/mini_repro_converged/0_default.json', mini_repro_table),
-    Table('mini_repro_converged_results', ('README.md',),
-          'docs/mini_repro_converged/0_default.json', mini_repro_results_table),
+    Table('mini_repro_plateau', ('docs/mini_repro.md',), 'docs/mini_repro_plateau.json',
+          mini_repro_table),
+    Table('mini_repro_plateau_results', ('README.md',), 'docs/mini_repro_plateau.json',
+          mini_repro_results_table),
     Table('mini_repro_converged_recipes', ('docs/mini_repro.md',), 'docs/mini_repro_converged',
           mini_repro_recipe_table),
     Table('schedule_search_flexidit3', ('docs/beyond_paper.md',),
@@ -192,8 +194,9 @@ def write(root: str = ROOT) -> None:
   for path, doc, text, t, body in _blocks(root):
     with open(path) as f:  # an earlier table may have rewritten this file
       text = f.read()
+    text = update(text, doc, t, body)  # before opening for writing: a missing block keeps the file
     with open(path, 'w') as f:
-      f.write(update(text, doc, t, body))
+      f.write(text)
 
 
 def main(argv: list[str]) -> int:
