@@ -13,8 +13,8 @@ Arguments: None (the full run, ~25 min on 2 CPU cores), 'quick' (a 1-2 min smoke
 one-block model; meaningless numbers), 'converged' (issue 14 item 6: the SiT, at doubled
 patches, trained until its loss and FID plateau, checked every 1000 steps up to 12k; PPF-2/3
 fine-tuned for 10% and 20% of its steps with two seeds, plus the initialised PPFs; up to ~2
-hours on 2 cores, resumable; docs/mini_repro.md) and 'converged_quick' (its smoke test with the 'quick'
-model). Euler in 'quick': one program per stage (Heun's stage crossings compile more).
+hours on 2 cores, resumable; docs/mini_repro.md) and 'converged_quick' (its smoke test with the
+'quick' model). Euler in 'quick': one program per stage (Heun's stage crossings compile more).
 """
 
 import ml_collections

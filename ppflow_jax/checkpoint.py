@@ -249,8 +249,8 @@ class Checkpointer:
   `reached_preemption`, `maybe_save`, and `save(..., force=True)` at the end, then `close()`.
   A failed save raises `CheckpointWriteError` at the first of those calls after it failed
   (`check_saves` waits for a save in progress only before the step that ends the next
-  interval), naming the last complete step, which stays the latest on disk. With a `lease` (lease.RunLease), every save first checks that this
-  run still holds the workdir.
+  interval), naming the last complete step, which stays the latest on disk. With a `lease`
+  (lease.RunLease), every save first checks that this run still holds the workdir.
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, trainer: Trainer,
@@ -427,7 +427,7 @@ class Checkpointer:
     """Before training `step`: raises CheckpointWriteError if the last save has failed. Waits
     for a save in flight only when `step` ends an interval (the save after it would wait anyway),
     so a failed save stops the run before another interval of work is done on top of it."""
-    if self._pending is not None and (step % self.every == 0
+    if self._pending is not None and (self.should_save(step)
                                       or not self.manager.is_saving_in_progress()):
       self._settle()
 
