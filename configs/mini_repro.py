@@ -11,8 +11,8 @@ rest. The experiment swaps in the PPF-2 / PPF-3 schedules and the fine-tuning fi
 
 Arguments: None (the full run, ~25 min on 2 CPU cores), 'quick' (a 1-2 min smoke test with a
 one-block model; meaningless numbers), 'converged' (issue 14 item 6: the SiT, at doubled
-patches, trained until its loss and FID plateau, checked every 1000 steps up to 12k; PPF-2/3
-fine-tuned for 10% and 20% of its steps with two seeds, plus the initialised PPFs; up to ~2
+patches, trained until its loss and FID plateau, checked every 1000 steps up to 16k; PPF-2/3
+fine-tuned for 10% and 20% of its steps with two seeds, plus the initialised PPFs; ~2-2.5
 hours on 2 cores, resumable; docs/mini_repro.md) and 'converged_quick' (its smoke test with the
 'quick' model). Euler in 'quick': one program per stage (Heun's stage crossings compile more).
 """
@@ -36,8 +36,9 @@ def get_config(arg=None):
       seeds=(0,),               # fine-tuning seeds (data order, noise, level embedding)
       # The SiT's plateau loop (0: train config.train.steps): every plateau_every steps, up to
       # max_steps, score the EMA (FID on plateau_samples images) and the chunk's mean loss; stop
-      # when neither improved by more than plateau_tol (relative) over `patience` checks, the FID
-      # also by no more than plateau_noise times its bootstrap std (one check's sample noise).
+      # when neither improved over `patience` checks by more than plateau_tol (relative) or by
+      # more than plateau_noise times its own noise (the mean loss's standard error, the FID's
+      # bootstrap std).
       plateau_every=0, max_steps=0, patience=3, plateau_tol=0.02, plateau_noise=2.0,
       plateau_samples=500,
       # PPF fine-tuning: EMA decay, peak lr (0: the SiT's train.lr), linear warm-up over this
@@ -53,7 +54,7 @@ def get_config(arg=None):
     # 2x2 version (many CPU hours). 1000-sample checks halve the 500-sample FID noise
     # (16.5 vs 19.2 for the same weights on two noise seeds).
     c.mini_repro.update(finetune_fractions=(0.1, 0.2), seeds=(0, 1), plateau_every=1000,
-                        plateau_samples=1000, max_steps=12000, patch_scale=2)
+                        plateau_samples=1000, max_steps=16000, patch_scale=2)
     c.train.log_every = 25
   if arg in ('quick', 'converged_quick'):
     c.model.update(depth=1, hidden_size=32, num_heads=2)

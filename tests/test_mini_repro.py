@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from ppflow_jax import checkpoint, config_lib, errors, flops, sampling
+from ppflow_jax import checkpoint, config_lib, errors, flops, sampling, summary
 from ppflow_jax.experiments import mini_repro
 
 
@@ -84,7 +84,7 @@ def test_converged_quick_run(tmp_path):
   steps = [h['step'] for h in history]
   assert steps == list(range(mr.plateau_every, steps[-1] + 1, mr.plateau_every))
   assert all(np.isfinite(h['loss']) and np.isfinite(h['fid']) and h['fid_std'] > 0
-             for h in history)
+             and h['loss_std'] > 0 for h in history)
   with open(os.path.join(workdir, 'sit', mini_repro.PLATEAU)) as f:
     assert json.load(f) == history
   reached = mini_repro.plateaued(history, mr.patience, mr.plateau_tol, mr.plateau_noise)
@@ -127,7 +127,7 @@ def test_converged_quick_run(tmp_path):
     assert table.count(f'| {sit_steps} + {ft} |') == 2  # PPF-2 and PPF-3, seeds aggregated
   assert ' ± ' in table and '| SiT step |' in table
   for h in history:
-    assert f'| {h["step"]} | {h["loss"]:.4f} | {h["fid"]:.2f} |' in table
+    assert f'| {h["step"]} | {h["loss"]:.4f} | {h["loss_std"]:.4f} | {h["fid"]:.2f} |' in table
 
 
 def test_plateaued_needs_patience_checks_without_relative_improvement():
@@ -148,6 +148,28 @@ def test_plateaued_counts_an_fid_gain_within_the_checks_noise_as_flat():
   # The best recent check's noise counts; a history without 'fid_std' falls back to tol.
   h2 = [dict(loss=1.0, fid=20.0), dict(loss=1.0, fid=17.5)]
   assert not mini_repro.plateaued(h2, patience=1, tol=0.02, noise=2.0)
+
+
+def test_plateaued_counts_a_loss_gain_within_the_chunks_standard_error_as_flat():
+  h = [dict(loss=0.1917, loss_std=0.003, fid=10.0), dict(loss=0.1854, loss_std=0.0034, fid=10.0)]
+  assert not mini_repro.plateaued(h, patience=1, tol=0.02)  # 3.3% better: not flat by tol
+  assert mini_repro.plateaued(h, patience=1, tol=0.02, noise=2.0)  # 0.0063 < 2 x 0.0034
+  assert not mini_repro.plateaued(h, patience=1, tol=0.02, noise=1.0)
+  # The best recent chunk's error counts, not the best earlier one's.
+  h[1]['loss_std'], h[0]['loss_std'] = 0.001, 0.01
+  assert not mini_repro.plateaued(h, patience=1, tol=0.02, noise=2.0)
+
+
+def test_chunk_loss_is_the_mean_and_standard_error_of_the_chunks_records(tmp_path):
+  losses = [0.5, 0.3, 0.4, 0.2, 9.0]  # steps 10..50; the last is outside the chunk
+  with open(tmp_path / summary.METRICS, 'w') as f:
+    for i, loss in enumerate(losses):
+      f.write(json.dumps(dict(step=10 * (i + 1), loss=loss)) + '\n')
+  mean, std_error = mini_repro.chunk_loss(str(tmp_path), 0, 40)
+  np.testing.assert_allclose([mean, std_error], [0.35, np.std(losses[:4], ddof=1) / 2])
+  assert mini_repro.chunk_loss(str(tmp_path), 30, 40) == (0.2, 0.0)  # one record: no error
+  with pytest.raises(errors.UserError, match='no loss between steps 50 and 60'):
+    mini_repro.chunk_loss(str(tmp_path), 50, 60)
 
 
 @pytest.mark.parametrize('field,value,says', [
@@ -206,7 +228,8 @@ def test_markdown_aggregates_seeds_and_lists_the_plateau(tmp_path):
       r['fid_finest_only'] = 12.0 + r['seed']
   result = dict(rows=rows, sampler='euler', num_samples=20, sample_batch=10, device='cpu',
                 floor_samples=10, classifier_test_accuracy=0.9, seeds=[0, 1],
-                plateau=[dict(step=50, loss=0.5, fid=12.0), dict(step=100, loss=0.49, fid=11.9)],
+                plateau=[dict(step=50, loss=0.5, fid=12.0),  # written before noise was recorded
+                         dict(step=100, loss=0.49, loss_std=0.01, fid=11.9, fid_std=1.5)],
                 plateau_every=50, plateau_stop='max_steps=100 reached before a plateau')
   table = mini_repro.markdown(result)
   mini_repro.plot(result, str(tmp_path / 'fid_vs_time.png'))  # one point per seed group
@@ -214,7 +237,8 @@ def test_markdown_aggregates_seeds_and_lists_the_plateau(tmp_path):
   assert '| PPF-2 (4x4 \\| 2x2) | 100 + 0 | 21.00 ± 1.00 |' in table
   assert '| PPF-2 (4x4 \\| 2x2) | 100 + 10 | 31.00 ± 1.00 |' in table
   assert '| SiT (2x2) | 100 | 10.00 |' in table
-  assert '| 50 | 0.5000 | 12.00 |' in table and 'max_steps=100 reached' in table
+  assert '| 50 | 0.5000 | - | 12.00 | - |' in table and 'max_steps=100 reached' in table
+  assert '| 100 | 0.4900 | 0.0100 | 11.90 | 1.50 |' in table
   # The weight-change table: one line per fine-tuned model, groups in a fixed order, seed means.
   assert ('| model | fine-tuning steps | FID finest only | blocks | embed[0] | de-embed[0] | '
           'level_embedder |') in table

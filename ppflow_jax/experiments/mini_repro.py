@@ -172,7 +172,7 @@ def train_sit(config: ml_collections.ConfigDict, workdir: str,
   """The SiT baseline -> (trainer, state, plateau history). Without config.mini_repro.plateau_every
   it trains config.train.steps. With it, it trains in chunks of plateau_every steps up to
   max_steps; after each chunk the EMA's FID on plateau_samples images (with its bootstrap
-  noise) and the chunk's mean training loss (metrics.jsonl) are appended to
+  noise) and the chunk's mean training loss (metrics.jsonl, with its standard error) are appended to
   workdir/plateau.json (a rerun resumes from it), and training stops once neither improved over
   the last `patience` chunks (`plateaued`)."""
   mr = config.mini_repro
@@ -193,35 +193,40 @@ def train_sit(config: ml_collections.ConfigDict, workdir: str,
     labels = (np.arange(mr.plateau_samples) % 10).astype(np.int32)
     images = np.clip(np.asarray(model.generate(labels, seed=PLATEAU_SEED)), -1.0, 1.0)
     scores = evaluator.score(images, labels, fid_draws=PLATEAU_FID_DRAWS)
-    history.append(dict(step=cfg.train.steps, loss=chunk_loss(workdir, done, cfg.train.steps),
+    loss, loss_std = chunk_loss(workdir, done, cfg.train.steps)
+    history.append(dict(step=cfg.train.steps, loss=loss, loss_std=loss_std,
                         fid=scores['fid'], fid_std=scores['fid_std']))
     logging.info('plateau check at step %d: %s', cfg.train.steps, history[-1])
     paths.write_text(record, json.dumps(history, indent=2))
 
 
-def chunk_loss(workdir: str, start: int, end: int) -> float:
-  """Mean training loss of the metrics.jsonl records with start < step <= end."""
+def chunk_loss(workdir: str, start: int, end: int) -> tuple[float, float]:
+  """(mean, standard error of the mean) of the training losses in the metrics.jsonl records with
+  start < step <= end (each record is one step's batch loss; 0.0 error from a single record)."""
   records = summary.read_records(paths.join(workdir, summary.METRICS))
   losses = [r['loss'] for r in records if start < r['step'] <= end]
   if not losses:
     raise errors.UserError(f'{workdir}/{summary.METRICS} has no loss between steps {start} and '
                            f'{end}; lower config.train.log_every below mini_repro.plateau_every')
-  return float(np.mean(losses))
+  std_error = np.std(losses, ddof=1) / np.sqrt(len(losses)) if len(losses) > 1 else 0.0
+  return float(np.mean(losses)), float(std_error)
 
 
 def plateaued(history: list[dict], patience: int, tol: float, noise: float = 0.0) -> bool:
   """True when neither the loss nor the FID of the last `patience` chunks improved on the best
-  before them by more than the relative tolerance `tol`; for the FID also by no more than
-  `noise` times the best recent check's bootstrap std ('fid_std', 0 where not recorded), the
-  change one check's sample alone can make."""
+  before them by more than the relative tolerance `tol`, nor by more than `noise` times the best
+  recent check's own noise: the standard error of its chunk's mean loss ('loss_std') and its
+  FID's bootstrap std ('fid_std'), the change one chunk's batches or one check's sample alone
+  can make (0 where not recorded: then `tol` alone decides)."""
   if len(history) <= patience:
     return False
   before, recent = history[:-patience], history[-patience:]
-  def improved(key, noise_std=0.0):
+  def improved(key):
     best = min(h[key] for h in before)
-    return best - min(h[key] for h in recent) > max(tol * abs(best), noise * noise_std)
-  best_recent = min(recent, key=lambda h: h['fid'])
-  return not (improved('loss') or improved('fid', best_recent.get('fid_std', 0.0)))
+    best_recent = min(recent, key=lambda h: h[key])
+    gain = best - best_recent[key]
+    return gain > max(tol * abs(best), noise * best_recent.get(f'{key}_std', 0.0))
+  return not (improved('loss') or improved('fid'))
 
 
 # Per-stage parameter lists (index 0: the coarsest stage) and how the weight-change table names
@@ -400,10 +405,12 @@ def markdown(result: dict) -> str:
 def plateau_lines(result: dict) -> list[str]:
   """Markdown lines: the SiT's plateau history (result['plateau'], ['plateau_every'],
   ['plateau_stop'] as written by plateau_summary)."""
-  lines = ['| SiT step | mean training loss of the chunk | FID (EMA) | FID bootstrap std |',
-           '|---|---|---|---|']
-  lines += [f'| {h["step"]} | {h["loss"]:.4f} | {h["fid"]:.2f} | '
-            + (f'{h["fid_std"]:.2f} |' if 'fid_std' in h else '- |') for h in result['plateau']]
+  lines = ['| SiT step | mean training loss of the chunk | its standard error | FID (EMA) '
+           '| FID bootstrap std |', '|---|---|---|---|---|']
+  def cell(h, key, fmt):  # histories written before a noise was recorded lack it
+    return format(h[key], fmt) if key in h else '-'
+  lines += [f'| {h["step"]} | {h["loss"]:.4f} | {cell(h, "loss_std", ".4f")} | {h["fid"]:.2f} | '
+            f'{cell(h, "fid_std", ".2f")} |' for h in result['plateau']]
   return lines + ['', f'SiT plateau check every {result["plateau_every"]} steps: '
                   f'{result["plateau_stop"]}.', '']
 
@@ -413,9 +420,9 @@ def plateau_summary(config: ml_collections.ConfigDict, history: list[dict]) -> d
   mr = config.mini_repro
   reached = plateaued(history, mr.patience, mr.plateau_tol, mr.plateau_noise)
   return dict(plateau=history, plateau_every=mr.plateau_every, plateau_stop=(
-      f'loss and FID did not improve by more than {100 * mr.plateau_tol:g}% (the FID also by '
-      f'no more than {mr.plateau_noise:g}x its bootstrap std) over the last {mr.patience} '
-      'checks' if reached else f'max_steps={mr.max_steps} reached before a '
+      f'loss and FID did not improve by more than {100 * mr.plateau_tol:g}% or by more than '
+      f'{mr.plateau_noise:g}x their noise (the loss\'s standard error, the FID\'s bootstrap '
+      f'std) over the last {mr.patience} checks' if reached else f'max_steps={mr.max_steps} reached before a '
       'plateau'))
 
 
