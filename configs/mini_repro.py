@@ -36,9 +36,9 @@ def get_config(arg=None):
       seeds=(0,),               # fine-tuning seeds (data order, noise, level embedding)
       # The SiT's plateau loop (0: train config.train.steps): every plateau_every steps, up to
       # max_steps, score the EMA (FID on plateau_samples images) and the chunk's mean loss; stop
-      # when neither improved over `patience` checks by more than plateau_tol (relative) or by
-      # more than plateau_noise times its own noise (the mean loss's standard error, the FID's
-      # bootstrap std).
+      # when neither improved over `patience` checks by more than the larger of plateau_tol
+      # (relative) and plateau_noise times its own noise (the mean loss's standard error, the
+      # FID's bootstrap std).
       plateau_every=0, max_steps=0, patience=3, plateau_tol=0.02, plateau_noise=2.0,
       plateau_samples=500,
       # PPF fine-tuning: EMA decay, peak lr (0: the SiT's train.lr), linear warm-up over this

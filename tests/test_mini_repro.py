@@ -160,6 +160,17 @@ def test_plateaued_counts_a_loss_gain_within_the_chunks_standard_error_as_flat()
   assert not mini_repro.plateaued(h, patience=1, tol=0.02, noise=2.0)
 
 
+def test_plateau_summary_says_why_training_stopped():
+  config = config_lib.load_config('mini_repro:converged')
+  flat = [dict(loss=0.19, loss_std=0.003, fid=10.0, fid_std=1.0)] * 4
+  assert mini_repro.plateau_summary(config, flat)['plateau_stop'] == (
+      "loss and FID did not improve by more than the larger of 2% and 2x their noise (the "
+      "loss's standard error, the FID's bootstrap std) over the last 3 checks")
+  falling = [dict(loss=1.0 - 0.1 * i, fid=100.0 - 10 * i) for i in range(4)]
+  assert mini_repro.plateau_summary(config, falling)['plateau_stop'] == (
+      'max_steps=16000 reached before a plateau')
+
+
 def test_chunk_loss_is_the_mean_and_standard_error_of_the_chunks_records(tmp_path):
   losses = [0.5, 0.3, 0.4, 0.2, 9.0]  # steps 10..50; the last is outside the chunk
   with open(tmp_path / summary.METRICS, 'w') as f:

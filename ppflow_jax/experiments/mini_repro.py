@@ -214,7 +214,7 @@ def chunk_loss(workdir: str, start: int, end: int) -> tuple[float, float]:
 
 def plateaued(history: list[dict], patience: int, tol: float, noise: float = 0.0) -> bool:
   """True when neither the loss nor the FID of the last `patience` chunks improved on the best
-  before them by more than the relative tolerance `tol`, nor by more than `noise` times the best
+  before them by more than the larger of the relative tolerance `tol` and `noise` times the best
   recent check's own noise: the standard error of its chunk's mean loss ('loss_std') and its
   FID's bootstrap std ('fid_std'), the change one chunk's batches or one check's sample alone
   can make (0 where not recorded: then `tol` alone decides)."""
@@ -420,10 +420,10 @@ def plateau_summary(config: ml_collections.ConfigDict, history: list[dict]) -> d
   mr = config.mini_repro
   reached = plateaued(history, mr.patience, mr.plateau_tol, mr.plateau_noise)
   return dict(plateau=history, plateau_every=mr.plateau_every, plateau_stop=(
-      f'loss and FID did not improve by more than {100 * mr.plateau_tol:g}% or by more than '
+      f'loss and FID did not improve by more than the larger of {100 * mr.plateau_tol:g}% and '
       f'{mr.plateau_noise:g}x their noise (the loss\'s standard error, the FID\'s bootstrap '
-      f'std) over the last {mr.patience} checks' if reached else f'max_steps={mr.max_steps} reached before a '
-      'plateau'))
+      f'std) over the last {mr.patience} checks' if reached
+      else f'max_steps={mr.max_steps} reached before a plateau'))
 
 
 def change_table(rows: list[dict]) -> list[str]:
